@@ -1,0 +1,82 @@
+"""Scheduling overhead per iteration, no model: 256 running (decoding) + 1,000 waiting requests.
+
+    python -m pytest bench/test_scheduler_benchmark.py --benchmark-only
+
+One iteration = the capacity pass, the micro-batch pass and the KV bookkeeping of a step
+(prepare_resources, counter updates, update_resources): everything the executor does per step
+except the forward and the sampling. Results go to docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.request import Request, RequestState, SamplingParams
+from engine.scheduler import Scheduler
+from policies import registry
+from policies.kv_cache import PagedKVCacheManager
+from policies.microbatch import TokenBudgetMicroBatchScheduler
+
+NUM_RUNNING = 256
+NUM_WAITING = 1000
+PROMPT_LEN = 512
+TOKENS_PER_BLOCK = 32
+
+
+def build_state(capacity: str, enable_block_reuse: bool):
+    max_new = 100_000  # never finishes during the benchmark
+    kv = PagedKVCacheManager(
+        tokens_per_block=TOKENS_PER_BLOCK, num_blocks=64_000, enable_block_reuse=enable_block_reuse
+    )
+    params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+    running = []
+    for i in range(NUM_RUNNING):
+        request = Request(i, [(i * 7 + j) % 30_000 for j in range(PROMPT_LEN)], params)
+        running.append(request)
+    scheduler = Scheduler(
+        registry.build("capacity_scheduler", capacity, max_num_requests=NUM_RUNNING),
+        TokenBudgetMicroBatchScheduler(max_batch_size=NUM_RUNNING, max_num_tokens=8192),
+    )
+    # Prefill the running requests directly (outside the timed region).
+    for request in running:
+        request.state = RequestState.CONTEXT
+        request.context_chunk_size = PROMPT_LEN
+    from engine.scheduler import SchedulerOutput
+
+    batch = SchedulerOutput(context_requests=running)
+    kv.prepare_resources(batch)
+    for request in running:
+        request.num_computed_tokens = PROMPT_LEN
+        request.append_token(5, 0.0)
+    kv.update_resources(batch)
+    waiting = [
+        Request(NUM_RUNNING + i, [(i * 11 + j) % 30_000 for j in range(PROMPT_LEN)], params)
+        for i in range(NUM_WAITING)
+    ]
+    return scheduler, kv, running + waiting
+
+
+def one_iteration(scheduler, kv, active):
+    batch = scheduler.schedule_request(active, kv)
+    for request in batch.context_requests:
+        if request.is_pending:
+            request.start(0.0)
+    kv.prepare_resources(batch)
+    sampling = batch.sampling_requests
+    for request in batch.context_requests:
+        request.num_computed_tokens += request.context_chunk_size
+    for request in batch.generation_requests:
+        request.num_computed_tokens += 1
+    for request in sampling:
+        request.append_token(5, 0.0)
+    kv.update_resources(batch)
+    return batch
+
+
+@pytest.mark.parametrize("enable_block_reuse", [False, True], ids=["noreuse", "reuse"])
+@pytest.mark.parametrize("capacity", ["guaranteed_no_evict", "max_utilization"])
+def test_scheduling_iteration(benchmark, capacity, enable_block_reuse):
+    scheduler, kv, active = build_state(capacity, enable_block_reuse)
+    batch = benchmark(one_iteration, scheduler, kv, active)
+    assert len(batch.generation_requests) == NUM_RUNNING and not batch.context_requests
+    kv.check_integrity()

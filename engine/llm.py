@@ -1,0 +1,228 @@
+"""``LLM``: the user-facing entry point (TensorRT-LLM's and vLLM's name), wiring one executor.
+
+llm = LLM("llama-tiny", device="cpu", dtype="float64",
+          capacity_scheduler="max_utilization",
+          microbatch_scheduler=dict(max_batch_size=8, max_num_tokens=64, chunking="equal_progress"),
+          kv_cache_manager=dict(tokens_per_block=4, num_blocks=24, enable_block_reuse=True))
+outputs = llm.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.clock import Clock, WallClock
+from engine.decoder import Decoder
+from engine.executor import PyExecutor
+from engine.model_engine import TorchModelEngine
+from engine.request import Request, SamplingParams
+from engine.resource_manager import ResourceManager
+from engine.scheduler import Scheduler
+from policies import registry
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is cuda when a GPU is visible, else cpu; asking for cuda without one is an error
+    (a run that silently falls back to the CPU would report meaningless timings)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but no CUDA GPU is visible to torch")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Per-request times in seconds on the executor's clock (vLLM's definitions)."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finish_time: float | None
+    ttft: float | None
+    tpot: float | None
+    e2e_latency: float | None
+    queue_time: float | None
+    num_preemptions: int
+    num_cached_tokens: int
+
+    @classmethod
+    def of(cls, request: Request) -> RequestMetrics:
+        return cls(
+            arrival_time=request.arrival_time,
+            first_scheduled_time=request.first_scheduled_time,
+            first_token_time=request.first_token_time,
+            finish_time=request.finish_time,
+            ttft=request.ttft,
+            tpot=request.tpot,
+            e2e_latency=request.e2e_latency,
+            queue_time=request.queue_time,
+            num_preemptions=request.num_preemptions,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None  # "length", "stop" or "rejected"
+    rejection_reason: str | None
+    metrics: RequestMetrics
+
+
+class LLM:
+    """One model, one executor, interchangeable scheduling parts.
+
+    ``model``: a preset name (``engine.models.PRESETS``), a local checkpoint directory, or a
+    transformers model. ``capacity_scheduler`` / ``microbatch_scheduler`` / ``kv_cache_manager``:
+    a registered name, a dict of constructor arguments (optionally with ``name`` or
+    ``_target_``), or an instance (see ``policies.registry``).
+    """
+
+    def __init__(
+        self,
+        model: Any = "llama-tiny",
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        capacity_scheduler: Any = None,
+        microbatch_scheduler: Any = None,
+        kv_cache_manager: Any = None,
+        seed: int = 0,
+        clock: Clock | None = None,
+    ):
+        from engine.models import PagedCausalLM, load_model
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.microbatch_scheduler = registry.build("microbatch_scheduler", microbatch_scheduler)
+        self.capacity_scheduler = registry.build(
+            "capacity_scheduler",
+            capacity_scheduler,
+            max_num_requests=self.microbatch_scheduler.max_batch_size,
+        )
+        self.kv_cache_manager = registry.build("kv_cache_manager", kv_cache_manager)
+        check_chunk_unit(self.microbatch_scheduler, self.kv_cache_manager.tokens_per_block)
+
+        loaded = load_model(model, device=self.device, dtype=self.dtype, seed=seed)
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        paged = PagedCausalLM(loaded.hf_model)
+        self.kv_cache_manager.allocate_pool(
+            paged.num_layers, paged.num_kv_heads, paged.head_dim, self.dtype, self.device
+        )
+        self.model_engine = TorchModelEngine(paged, self.device)
+        self.executor = PyExecutor(
+            self.model_engine,
+            Decoder(seed),
+            Scheduler(self.capacity_scheduler, self.microbatch_scheduler),
+            ResourceManager(self.kv_cache_manager),
+            clock=clock or WallClock(),
+            eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+        )
+        self._next_request_id = 0
+
+    def make_requests(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        arrival_times: Sequence[float] | None = None,
+    ) -> list[Request]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt
+        params = sampling_params or SamplingParams()
+        params_list = (
+            [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        )
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} sampling_params for {len(prompts)} prompts")
+        now = self.executor.clock.now()
+        times = [now] * len(prompts) if arrival_times is None else [now + t for t in arrival_times]
+        if len(times) != len(prompts):
+            raise ValueError(f"{len(times)} arrival_times for {len(prompts)} prompts")
+        requests = []
+        for prompt, p, t in zip(prompts, params_list, times, strict=True):
+            requests.append(
+                Request(self._next_request_id, self._tokenize(prompt), p, arrival_time=t)
+            )
+            self._next_request_id += 1
+        return requests
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        arrival_times: Sequence[float] | None = None,
+    ) -> list[RequestOutput]:
+        """Run the prompts to completion; outputs come back in prompt order. ``arrival_times``
+        (seconds from now) replays arrivals inside the step loop."""
+        requests = self.make_requests(prompts, sampling_params, arrival_times)
+        self.executor.enqueue_requests(requests)
+        self.executor.run()
+        return [self._output(r) for r in requests]
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a string prompt needs a tokenizer; this model has none")
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def _output(self, request: Request) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None and request.output_token_ids:
+            text = self.tokenizer.decode(request.output_token_ids)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            token_ids=list(request.output_token_ids),
+            text=text,
+            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            rejection_reason=request.rejection_reason,
+            metrics=RequestMetrics.of(request),
+        )
+
+
+def check_chunk_unit(microbatch_scheduler: Any, tokens_per_block: int) -> None:
+    """Chunk unit defaults to the KV block size (TensorRT-LLM); a unit larger than the token
+    budget would round every truncated chunk down to zero and stall chunked contexts."""
+    if getattr(microbatch_scheduler, "chunk_unit_size", 0) is None:
+        microbatch_scheduler.chunk_unit_size = tokens_per_block
+    unit = getattr(microbatch_scheduler, "chunk_unit_size", None)
+    budget = getattr(microbatch_scheduler, "max_num_tokens", None)
+    if unit is not None and budget is not None and unit > budget:
+        raise ValueError(
+            f"microbatch_scheduler.chunk_unit_size={unit} exceeds max_num_tokens={budget}; "
+            "set chunk_unit_size <= max_num_tokens "
+            "(it defaults to kv_cache_manager.tokens_per_block)"
+        )

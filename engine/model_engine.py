@@ -1,0 +1,135 @@
+"""The model engine: turns one scheduled batch into logits.
+
+``TorchModelEngine`` flattens the batch into one token sequence (varlen), with the metadata a
+paged forward needs::
+
+    requests:        ctx A (chunk of 3, 2 already computed)   ctx B (chunk of 2)   gen C
+    input_ids:       a2 a3 a4                                  b0 b1                c7
+    positions:       2  3  4                                   0  1                 7
+    query_start_loc: 0        3                                      5                 6
+    seq_lens:        5                                         2                    8
+    slot_mapping:    where each new token's K/V is written in the pool
+    block_tables:    one padded row of block ids per request
+    logits_indices:  flat index of each token whose next-token logits are needed
+                     (A's chunk is last -> index 2; B's is not; C -> index 5)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import KVCacheManager
+from engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class ForwardBatch:
+    """Flattened inputs of one step (all tensors on the model's device)."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * tokens_per_block + offset
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int64: cu_seqlens of the new tokens
+    seq_lens: torch.Tensor  # [num_seqs] int64: KV length of each sequence after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
+    logits_indices: torch.Tensor  # [num_logits] int64
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+class ModelEngine(ABC):
+    """Runs the model forward for a scheduled batch.
+
+    ``forward`` returns logits [len(batch.sampling_requests), vocab] (float32 or the model's
+    dtype), one row per request that samples this step, in ``sampling_requests`` order. It reads
+    and writes KV only through the KV-cache manager's pool.
+    """
+
+    max_seq_len: int
+    vocab_size: int
+
+    @abstractmethod
+    def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor: ...
+
+
+def build_forward_batch(
+    batch: SchedulerOutput, kv_cache_manager: KVCacheManager, device: torch.device
+) -> ForwardBatch:
+    """Flatten ``batch`` (contexts first, then generations) into a ``ForwardBatch``."""
+    tokens_per_block = kv_cache_manager.tokens_per_block
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start_loc = [0]
+    seq_lens: list[int] = []
+    block_rows: list[list[int]] = []
+    logits_indices: list[int] = []
+
+    def add(request, start: int, end: int, samples: bool) -> None:
+        token_ids = request.all_token_ids
+        block_ids = kv_cache_manager.get_block_ids(request)
+        input_ids.extend(token_ids[start:end])
+        positions.extend(range(start, end))
+        slots.extend(
+            block_ids[p // tokens_per_block] * tokens_per_block + p % tokens_per_block
+            for p in range(start, end)
+        )
+        query_start_loc.append(len(input_ids))
+        seq_lens.append(end)
+        block_rows.append(block_ids)
+        if samples:
+            logits_indices.append(len(input_ids) - 1)
+
+    for request in batch.context_requests:
+        start = request.num_computed_tokens
+        add(request, start, start + request.context_chunk_size, request.is_last_context_chunk)
+    for request in batch.generation_requests:
+        add(request, request.num_tokens - 1, request.num_tokens, True)
+
+    max_blocks = max((len(row) for row in block_rows), default=0)
+    table = torch.zeros((len(block_rows), max(max_blocks, 1)), dtype=torch.int64)
+    for i, row in enumerate(block_rows):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    lengths = [query_start_loc[i + 1] - query_start_loc[i] for i in range(len(seq_lens))]
+
+    def as_tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return ForwardBatch(
+        input_ids=as_tensor(input_ids),
+        positions=as_tensor(positions),
+        slot_mapping=as_tensor(slots),
+        query_start_loc=as_tensor(query_start_loc),
+        seq_lens=as_tensor(seq_lens),
+        block_tables=table.to(device),
+        logits_indices=as_tensor(logits_indices),
+        max_query_len=max(lengths, default=0),
+        max_seq_len=max(seq_lens, default=0),
+    )
+
+
+class TorchModelEngine(ModelEngine):
+    """The real model: a paged forward (``engine.models.PagedCausalLM``) on cpu or cuda."""
+
+    def __init__(self, model, device: torch.device):
+        self.model = model  # PagedCausalLM
+        self.device = device
+        self.max_seq_len = model.max_seq_len
+        self.vocab_size = model.vocab_size
+
+    def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor:
+        if kv_cache_manager.kv_pool is None:
+            raise RuntimeError("the KV cache manager has no pool: call allocate_pool first")
+        inputs = build_forward_batch(batch, kv_cache_manager, self.device)
+        return self.model.forward(inputs, kv_cache_manager.kv_pool)

@@ -1,0 +1,38 @@
+"""Per-iteration statistics: one small record a step, the rows of ``iterations.parquet``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    iteration: int
+    time: float  # clock time at the start of the step (s)
+    step_latency: float  # whole step, scheduling + forward + bookkeeping (s)
+    scheduling_time: float  # capacity + micro-batch passes (s)
+    forward_time: float  # model engine forward + decode (s)
+    num_new_requests: int  # arrived (and accepted) this step
+    num_rejected_requests: int  # rejected this step
+    num_context_requests: int
+    num_context_tokens: int
+    num_generation_requests: int
+    num_paused_requests: int  # preempted this step
+    num_queued_requests: int  # pending (queued or paused) and not scheduled this step
+    num_active_requests: int  # arrived, unfinished, at the start of the step
+    num_completed_requests: int  # finished this step
+    kv_max_blocks: int
+    kv_used_blocks: int
+    kv_free_blocks: int
+    kv_cache_hit_rate: float  # cumulative
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return self.num_context_tokens + self.num_generation_requests
+
+    @property
+    def kv_utilization(self) -> float:
+        return self.kv_used_blocks / self.kv_max_blocks if self.kv_max_blocks else 0.0
+
+    def as_row(self) -> dict[str, float | int]:
+        return {**asdict(self), "kv_utilization": self.kv_utilization}
