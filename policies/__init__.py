@@ -1,0 +1,1 @@
+"""Pluggable policies: capacity and micro-batch schedulers, KV-cache managers."""
