@@ -25,7 +25,6 @@ States::
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 
 
@@ -36,6 +35,15 @@ class RequestState(enum.Enum):
     PAUSED = "paused"  # preempted: KV released, waits to be recomputed
     COMPLETE = "complete"
     REJECTED = "rejected"
+
+
+# Plain module constants: attribute access on an Enum class costs ~0.1 us, which the
+# per-step predicates below pay for every active request.
+_PENDING_STATES = (RequestState.QUEUED, RequestState.PAUSED)
+_STARTED_STATES = (RequestState.CONTEXT, RequestState.GENERATION)
+_CONTEXT_STATES = (RequestState.QUEUED, RequestState.PAUSED, RequestState.CONTEXT)
+_FINISHED_STATES = (RequestState.COMPLETE, RequestState.REJECTED)
+_GENERATION = RequestState.GENERATION
 
 
 class FinishReason(enum.Enum):
@@ -139,25 +147,25 @@ class Request:
     @property
     def is_pending(self) -> bool:
         """Waits for admission (never started, or paused): holds no KV."""
-        return self.state in (RequestState.QUEUED, RequestState.PAUSED)
+        return self.state in _PENDING_STATES
 
     @property
     def is_started(self) -> bool:
         """Holds KV blocks: admitted and not finished or paused."""
-        return self.state in (RequestState.CONTEXT, RequestState.GENERATION)
+        return self.state in _STARTED_STATES
 
     @property
     def is_context(self) -> bool:
         """Its next step is a context (prefill) chunk: pending, or prefilling."""
-        return self.state in (RequestState.QUEUED, RequestState.PAUSED, RequestState.CONTEXT)
+        return self.state in _CONTEXT_STATES
 
     @property
     def is_generation(self) -> bool:
-        return self.state is RequestState.GENERATION
+        return self.state is _GENERATION
 
     @property
     def is_finished(self) -> bool:
-        return self.state in (RequestState.COMPLETE, RequestState.REJECTED)
+        return self.state in _FINISHED_STATES
 
     @property
     def is_last_context_chunk(self) -> bool:
@@ -192,7 +200,7 @@ class Request:
         self.token_times.append(now)
         if self.first_token_time is None:
             self.first_token_time = now
-        self.state = RequestState.GENERATION
+        self.state = _GENERATION
 
     def finish(self, reason: FinishReason, now: float) -> None:
         self.state = RequestState.COMPLETE
@@ -229,4 +237,4 @@ class Request:
 
 
 def num_blocks_for(num_tokens: int, tokens_per_block: int) -> int:
-    return math.ceil(num_tokens / tokens_per_block)
+    return -(-num_tokens // tokens_per_block)  # ceil, in integers

@@ -54,23 +54,67 @@ def paged_attention(
 
     Returns [num_tokens, num_heads, head_dim] in ``query``'s dtype. Scores and softmax run in
     at least float32 (float64 stays float64).
+
+    The batch builder puts single-token sequences (decodes) after the contexts. Padding both
+    groups to one [max_query_len, max_seq_len] would give every decode a context's query rows,
+    so the two groups are padded separately::
+
+        seqs:    ctx0 ctx1 | gen2 gen3 gen4        -> padded [2, max_q, max_k_ctx]
+                           |                        + padded [3, 1, max_k_gen]
     """
+    q_lens = (batch.query_start_loc[1:] - batch.query_start_loc[:-1]).tolist()
+    seq_lens = batch.seq_lens.tolist()
+    # First sequence of the trailing run of single-token sequences.
+    split = len(q_lens)
+    while split > 0 and q_lens[split - 1] == 1:
+        split -= 1
+    groups = [(0, split), (split, len(q_lens))] if 0 < split < len(q_lens) else [(0, len(q_lens))]
+    outputs = []
+    for first, last in groups:
+        token_start, token_end = sum(q_lens[:first]), sum(q_lens[:last])
+        outputs.append(
+            _padded_attention(
+                query[token_start:token_end],
+                kv_pool_layer,
+                batch.query_start_loc[first : last + 1] - token_start,
+                batch.seq_lens[first:last],
+                batch.block_tables[first:last],
+                max(q_lens[first:last]),
+                max(seq_lens[first:last]),
+                scale,
+                sliding_window,
+            )
+        )
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _padded_attention(
+    query: torch.Tensor,
+    kv_pool_layer: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """``paged_attention`` for one group of sequences, padded to [max_q] x [max_k]."""
     num_tokens, num_heads, head_dim = query.shape
     _, _, tokens_per_block, num_kv_heads, _ = kv_pool_layer.shape
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     group = num_heads // num_kv_heads
-    num_seqs = batch.num_seqs
-    max_q, max_k = batch.max_query_len, batch.max_seq_len
+    num_seqs = seq_lens.shape[0]
     device = query.device
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
 
     # Varlen -> padded: token t belongs to sequence seq_of[t] at row local[t] of its chunk.
-    q_lens = batch.query_start_loc[1:] - batch.query_start_loc[:-1]  # [S]
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     seq_of = torch.repeat_interleave(
         torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens
     )
-    local = torch.arange(num_tokens, device=device) - batch.query_start_loc[seq_of]
+    local = torch.arange(num_tokens, device=device) - query_start_loc[seq_of]
     q = query.new_zeros((num_seqs, max_q, num_heads, head_dim))
     q[seq_of, local] = query
 
@@ -78,22 +122,22 @@ def paged_attention(
     key_pos = torch.arange(max_k, device=device)
     # Positions past a sequence's length may fall beyond its table row; clamp them to a real
     # column (they are masked below, whatever block they read).
-    block_col = (key_pos // tokens_per_block).clamp(max=batch.block_tables.shape[1] - 1)
-    blocks = batch.block_tables[:, block_col]  # [S, max_k]
+    block_col = (key_pos // tokens_per_block).clamp(max=block_tables.shape[1] - 1)
+    blocks = block_tables[:, block_col]  # [S, max_k]
     offsets = (key_pos % tokens_per_block).expand(num_seqs, max_k)
     k = kv_pool_layer[0, blocks, offsets]
     v = kv_pool_layer[1, blocks, offsets]
     # Padding reads other sequences' or never-written slots, possibly NaN/inf (an empty pool):
     # zero them, since 0 probability times NaN would still poison the output.
-    key_valid = key_pos[None, :] < batch.seq_lens[:, None]  # [S, max_k]
+    key_valid = key_pos[None, :] < seq_lens[:, None]  # [S, max_k]
     k = k.masked_fill(~key_valid[:, :, None, None], 0)
     v = v.masked_fill(~key_valid[:, :, None, None], 0)
 
     # Absolute position of each padded query row; padding rows reuse the last real position so
     # that no row is fully masked (they are dropped at the end anyway).
     rows = torch.arange(max_q, device=device)
-    first_pos = (batch.seq_lens - q_lens)[:, None]  # [S, 1]
-    query_pos = torch.minimum(first_pos + rows[None, :], batch.seq_lens[:, None] - 1)  # [S, Qmax]
+    first_pos = (seq_lens - q_lens)[:, None]  # [S, 1]
+    query_pos = torch.minimum(first_pos + rows[None, :], seq_lens[:, None] - 1)  # [S, Qmax]
     allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # [S, Qmax, max_k]
     if sliding_window is not None:
         allowed &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window

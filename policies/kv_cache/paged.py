@@ -252,9 +252,6 @@ class PagedKVCacheManager(KVCacheManager):
         return num_matched * tpb
 
     # ---- scheduling transaction -------------------------------------------------------------
-    def _check_sized(self) -> None:
-        _ = self.pool  # raises the "not sized yet" error
-
     def start_scheduling(self) -> None:
         self._scheduling_num_free = self.pool.num_free_blocks
         self._scheduling_ref_delta = {}
@@ -275,21 +272,20 @@ class PagedKVCacheManager(KVCacheManager):
 
     def _num_blocks_to_give(self, request: Request, num_tokens: int) -> int:
         """Blocks from the free list for the request to hold ``num_tokens`` tokens."""
-        total = num_blocks_for(num_tokens, self.tokens_per_block)
         held = self._block_ids.get(request)
-        if held:
-            return max(total - len(held), 0)
+        if held:  # the per-step hot path: running requests
+            num_needed = -(-num_tokens // self.tokens_per_block) - len(held)
+            return num_needed if num_needed > 0 else 0
+        total = num_blocks_for(num_tokens, self.tokens_per_block)
         return total - self._num_matched_in_use(self._match_prefix(request))
 
     def get_needed_blocks_one_step(self, request: Request) -> int:
         """New context: its whole context less shared in-use prefix blocks; started context: 0;
         generation: 1 when its token starts a block, else 0."""
-        self._check_sized()
         return self._num_blocks_to_give(request, request.num_tokens)
 
     def get_remaining_blocks_to_completion(self, request: Request) -> int:
         """As ``get_needed_blocks_one_step`` but up to ``max_num_tokens`` (worst case)."""
-        self._check_sized()
         return self._num_blocks_to_give(request, request.max_num_tokens)
 
     def scheduling_has_free_blocks(self, num_blocks: int) -> bool:
@@ -330,15 +326,20 @@ class PagedKVCacheManager(KVCacheManager):
         """
         pool = self.pool
         tpb = self.tokens_per_block
-        new_contexts = [r for r in batch.context_requests if not self._block_ids.get(r)]
+        block_ids_of = self._block_ids
+        new_contexts = [r for r in batch.context_requests if not block_ids_of.get(r)]
         matches = {r: self._match_prefix(r) for r in new_contexts}
 
         # Check first: blocks leaving the free list = new blocks + distinct matched free blocks.
+        # Most running requests need nothing; keep only those that do.
+        needs: list[tuple[Request, int]] = []
         num_new = 0
         for request in batch.scheduled_requests:
-            held = matches[request] if request in matches else self._block_ids.get(request, ())
-            num_held = len(held)
-            num_new += max(num_blocks_for(request.num_tokens, tpb) - num_held, 0)
+            held = matches[request] if request in matches else block_ids_of.get(request, ())
+            num_needed = -(-request.num_tokens // tpb) - len(held)
+            if num_needed > 0:
+                needs.append((request, num_needed))
+                num_new += num_needed
         num_free_matched = len(
             {b for match in matches.values() for b in match if pool.ref_counts[b] == 0}
         )
@@ -354,7 +355,7 @@ class PagedKVCacheManager(KVCacheManager):
         for request, match in matches.items():
             self._matches.pop(request, None)
             pool.touch(match)
-            self._block_ids[request] = list(match)
+            block_ids_of[request] = list(match)
             self._num_registered_blocks[request] = len(match)
             self._num_reused_blocks += len(match)
             if match:
@@ -366,36 +367,38 @@ class PagedKVCacheManager(KVCacheManager):
                 )
 
         # Phase 2: new blocks for contexts (rest of the context) and generations (boundary).
-        for request in batch.scheduled_requests:
-            block_ids = self._block_ids.get(request)
+        for request, num_needed in needs:
+            block_ids = block_ids_of.get(request)
             if block_ids is None:
                 # Scheduled without ever getting blocks as a context (the executor skipped the
                 # context step): give it what its tokens need all the same.
-                block_ids = self._block_ids[request] = []
+                block_ids = block_ids_of[request] = []
                 self._num_registered_blocks[request] = 0
-            num_needed = num_blocks_for(request.num_tokens, tpb) - len(block_ids)
-            if num_needed > 0:
-                block_ids.extend(pool.allocate(num_needed))
-                self._num_alloc_new_blocks += num_needed
-                if request in matches:
-                    self._num_missed_blocks += num_needed
+            block_ids.extend(pool.allocate(num_needed))
+            self._num_alloc_new_blocks += num_needed
+            if request in matches:
+                self._num_missed_blocks += num_needed
 
     def update_resources(self, batch: SchedulerOutput) -> None:
         """Make full, fully computed blocks of the scheduled requests findable (block reuse)."""
         if not self.enable_block_reuse:
             return
         pool = self.pool
+        tpb = self.tokens_per_block
+        num_registered_of = self._num_registered_blocks
         for request in batch.scheduled_requests:
+            num_full = request.num_computed_tokens // tpb
+            num_registered = num_registered_of.get(request, 0)
+            if num_full <= num_registered:  # the common case: no block completed this step
+                continue
             block_ids = self._block_ids.get(request)
             if not block_ids:
                 continue
-            num_full = min(request.num_computed_tokens // self.tokens_per_block, len(block_ids))
-            num_registered = self._num_registered_blocks.get(request, 0)
+            num_full = min(num_full, len(block_ids))
             for block_index in range(num_registered, num_full):
                 # If another block already holds this hash, ours stays private.
                 pool.cache_block(block_ids[block_index], self._block_hash(request, block_index))
-            if num_full > num_registered:
-                self._num_registered_blocks[request] = num_full
+            num_registered_of[request] = num_full
 
     def free_resources(self, request: Request) -> None:
         """Drop the request's block references, tail-first (see ``BlockPool``). Safe for a
