@@ -90,13 +90,14 @@ def reference_workload(preset: str, capacity: str) -> dict:
     params = SamplingParams(max_new_tokens=128, ignore_eos=True)
     llm.generate(prompts[:8], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
     torch.cuda.synchronize()
+    num_warmup_steps = len(llm.executor.iteration_stats)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    steps = llm.executor.iteration_stats[-1].iteration - llm.executor.iteration_stats[0].iteration
     num_out = sum(len(o.token_ids) for o in outs)
-    stats = llm.executor.iteration_stats
+    stats = llm.executor.iteration_stats[num_warmup_steps:]
+    steps = len(stats)
     sched = sum(s.scheduling_time for s in stats) / max(len(stats), 1)
     result = {
         "preset": preset,
@@ -119,7 +120,8 @@ def reference_workload(preset: str, capacity: str) -> dict:
     ]
     theirs = [hf_greedy(hf, p, 32) for p in few]
     agree = [
-        next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 32) for x, y in zip(ours, theirs)
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), 32)
+        for x, y in zip(ours, theirs, strict=True)
     ]
     result["bf16_tokens_agreeing_before_divergence"] = agree
     del llm, hf
@@ -152,13 +154,16 @@ def main() -> None:
     print("\n== tiny presets, CUDA float32 vs transformers generate() ==")
     for row in log["tiny"]:
         print(
-            f"{row['preset']:13s} exact {row['exact']}/{row['of']}  preemptions {row['preemptions']}  cached tokens {row['cached_tokens']}"
+            f"{row['preset']:13s} exact {row['exact']}/{row['of']}  "
+            f"preemptions {row['preemptions']}  cached tokens {row['cached_tokens']}"
         )
     print("\n== reference workload (256 req, 128 out), bf16, torch reference attention, eager ==")
     for row in log["reference"]:
         print(
-            f"{row['preset']:9s} {row['capacity']:20s} {row['seconds']:7.2f} s  {row['output_tok_s']:8.1f} out tok/s  "
-            f"preempt {row['preemptions']:4d}  steps {row['steps']}  sched {row['mean_sched_ms']} ms/step  peak {row['peak_gib']} GiB"
+            f"{row['preset']:9s} {row['capacity']:20s} {row['seconds']:7.2f} s  "
+            f"{row['output_tok_s']:8.1f} out tok/s  preempt {row['preemptions']:4d}  "
+            f"steps {row['steps']}  sched {row['mean_sched_ms']} ms/step  "
+            f"peak {row['peak_gib']} GiB"
         )
 
 
