@@ -9,7 +9,7 @@ content, so scheduling must not change them).
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine.clock import VirtualClock
@@ -39,7 +39,9 @@ def configs(draw):
         max_num_tokens=max_num_tokens,
         chunk_unit_size=draw(st.one_of(st.none(), st.integers(1, min(unit_cap, 8)))),
         tokens_per_block=tokens_per_block,
-        num_blocks=draw(st.integers(1, 160 // tokens_per_block)),
+        # Pools from "rejects most requests" to "fits everything", weighted to the middle where
+        # MAX_UTILIZATION preempts and GUARANTEED_NO_EVICT queues.
+        num_blocks=max(1, draw(st.integers(8, 160)) // tokens_per_block),
         enable_block_reuse=draw(st.booleans()),
     )
 
@@ -50,7 +52,7 @@ def workloads(draw):
     requests = []
     for i in range(draw(st.integers(1, 12))):
         base = bases[draw(st.integers(0, 2))][: draw(st.integers(0, 24))]
-        suffix = draw(st.lists(st.integers(3, VOCAB - 1), min_size=0, max_size=30))
+        suffix = draw(st.lists(st.integers(3, VOCAB - 1), min_size=0, max_size=20))
         prompt = base + suffix or [5]
         params = SamplingParams(
             max_new_tokens=draw(st.integers(1, 12)), ignore_eos=draw(st.booleans())
@@ -143,7 +145,7 @@ def run_checked(executor, requests):
     return num_steps
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=configs(), workload=workloads())
 def test_invariants_hold_after_every_step(config, workload):
     executor = build_executor(config)
@@ -154,6 +156,9 @@ def test_invariants_hold_after_every_step(config, workload):
     assert sorted(r.request_id for r in executor.finished_requests) == list(range(len(requests)))
     for request in requests:
         assert request.is_finished
+        event(f"preempted: {request.num_preemptions > 0}")
+        event(f"prefix hit: {request.num_cached_tokens > 0}")
+        event(f"rejected: {request.state is RequestState.REJECTED}")
         if request.state is RequestState.REJECTED:
             assert request.rejection_reason
             assert request.finish_reason is FinishReason.REJECTED
@@ -162,6 +167,18 @@ def test_invariants_hold_after_every_step(config, workload):
                 request.prompt_token_ids, request.sampling_params
             ), f"{request} under {config}"
             assert request.finish_time >= request.first_token_time >= request.arrival_time
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=configs().map(lambda c: {**c, "capacity": "max_utilization"}),
+    workload=workloads(),
+    pool_tokens=st.integers(40, 80),
+)
+def test_invariants_hold_under_preemption_pressure(config, workload, pool_tokens):
+    """MAX_UTILIZATION on a pool that holds a few requests at most: pauses are the rule."""
+    config["num_blocks"] = pool_tokens // config["tokens_per_block"]
+    test_invariants_hold_after_every_step.hypothesis.inner_test(config, workload)
 
 
 @settings(max_examples=60, deadline=None)
