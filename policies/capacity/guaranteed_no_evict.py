@@ -36,14 +36,19 @@ class GuaranteedNoEvictScheduler(CapacityScheduler):
     ) -> CapacityOutput:
         kv = kv_cache_manager
         kv.start_scheduling()
-        fitting = [r for r in active_requests if r.is_started]
-        for request in fitting:
-            kv.scheduling_add_sequence(request, kv.get_remaining_blocks_to_completion(request))
+        # One pass: started requests reserve their worst case wherever they sit in the order;
+        # pending ones are collected, in order, for the admission pass.
+        fitting: list[Request] = []
+        pending: list[Request] = []
+        for request in active_requests:
+            if request.is_started:
+                kv.scheduling_add_sequence(request, kv.get_remaining_blocks_to_completion(request))
+                fitting.append(request)
+            else:
+                pending.append(request)
         if not self.can_admit_new(active_requests):
             return CapacityOutput(fitting, [])
-        for request in active_requests:
-            if not request.is_pending:
-                continue
+        for request in pending:
             if len(fitting) >= self.max_num_requests:
                 break
             num_needed = kv.get_remaining_blocks_to_completion(request)
