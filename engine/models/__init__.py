@@ -1,7 +1,7 @@
 """Models for the engine: a paged forward over HF Llama-family models, and how to load them."""
 
 from engine.models.llama import SUPPORTED_ARCHITECTURES, PagedCausalLM
-from engine.models.presets import PRESETS, LoadedModel, load_model
+from engine.models.presets import PRESETS, LoadedModel, load_model, model_limits
 from engine.models.tokenizer import ByteTokenizer
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "LoadedModel",
     "PagedCausalLM",
     "load_model",
+    "model_limits",
 ]

@@ -255,3 +255,20 @@ def load_model(
         f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}), not an existing local "
         "checkpoint directory, and not a transformers PreTrainedModel (no model hub is used)"
     )
+
+
+def model_limits(model: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(vocab_size, max_seq_len)`` of a preset or a checkpoint directory, without building the
+    model: lets a harness size and check its workload before any weights are made."""
+    if isinstance(model, str) and model in PRESETS:
+        config = PRESETS[model].make_config()
+    elif Path(model).is_dir() and (Path(model) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    else:
+        raise ValueError(
+            f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and not a local "
+            "checkpoint directory with a config.json"
+        )
+    return int(config.vocab_size), int(config.max_position_embeddings)

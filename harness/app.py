@@ -1,0 +1,160 @@
+"""One harness run: check the config, build the workload, run the executor, write the results.
+
+Everything that can be wrong with the input (a key, a value, a trace file) is checked before the
+model is built. In a sweep, a failing job records its error in its own run.json and the sweep
+goes on; a single run exits with the error, in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import check_component, component_kwargs, resolve_device_name
+
+log = logging.getLogger(__name__)
+
+POLICY_GROUPS = ("capacity_scheduler", "microbatch_scheduler", "kv_cache_manager")
+
+
+def run_info(cfg: DictConfig) -> dict[str, Any]:
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    return {
+        "name": cfg.name,
+        "overrides": overrides,
+        "variant": ",".join(o for o in overrides if not o.startswith("experiment=")) or "default",
+        "status": "running",
+        "error": None,
+    }
+
+
+def is_multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """The Hydra task function."""
+    from harness.results import write_failed_run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    info = run_info(cfg)
+    try:
+        return execute(cfg, run_dir, info)
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        write_failed_run(run_dir, run_info={**info, "status": "failed"}, error=message)
+        if is_multirun():
+            log.error("run %s failed: %s", info["variant"], message)
+            return {"status": "failed", "error": message}
+        if isinstance(error, ValueError | FileNotFoundError):
+            # Bad input: one clear line, not a traceback.
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def build_parts(cfg: DictConfig) -> dict[str, Any]:
+    """Check and build the three policy parts (cheap, before the model)."""
+    from policies import registry
+
+    parts = {}
+    for group in POLICY_GROUPS:
+        node = component_kwargs(cfg[group])
+        check_component(group, node)
+        parts[group] = registry.build(group, node)
+    return parts
+
+
+def model_source(cfg: DictConfig) -> str:
+    return cfg.model.path if cfg.model.path else cfg.model.name
+
+
+def tokenizer_for(cfg: DictConfig):
+    if cfg.model.path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+    from engine.models import ByteTokenizer
+
+    return ByteTokenizer()
+
+
+def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    from engine import LLM
+    from engine.llm import resolve_device
+    from engine.models import model_limits
+    from harness.metrics import iterations_frame, requests_frame, summarize
+    from harness.replay import replay, reset, warm_up
+    from harness.report import Progress, print_summary
+    from harness.results import write_run
+    from harness.workload import build_workload
+
+    device = resolve_device(resolve_device_name(cfg.executor.device))
+    parts = build_parts(cfg)
+    vocab_size, max_seq_len = model_limits(model_source(cfg))
+    workload = build_workload(
+        component_kwargs(cfg.workload),
+        vocab_size=vocab_size,
+        max_seq_len=max_seq_len,
+        tokenizer=tokenizer_for(cfg),
+    )
+    if len(workload) == 0:
+        raise ValueError(f"workload {workload.name!r} has no requests (check its window/filters)")
+
+    started = time.perf_counter()
+    llm = LLM(
+        model_source(cfg),
+        device=device,
+        dtype=cfg.executor.dtype.value,
+        seed=cfg.seed,
+        **parts,
+    )
+    if cfg.executor.warmup:
+        warm_up(llm)
+    else:
+        reset(llm)
+    log.info(
+        "%s: %d requests, model %s on %s (%s)",
+        info["variant"],
+        len(workload),
+        llm.model_name,
+        llm.device,
+        llm.dtype,
+    )
+    with Progress(len(workload), enabled=cfg.progress, label=info["variant"]) as progress:
+        requests = replay(llm, workload, on_progress=progress.update)
+
+    requests_df = requests_frame(requests)
+    iterations_df = iterations_frame(llm.executor.iteration_stats)
+    slo = OmegaConf.to_container(cfg.slo, resolve=True)
+    summary = summarize(requests_df, iterations_df, slo=slo)
+    info = {
+        **info,
+        "status": "ok",
+        "model": llm.model_name,
+        "device": str(llm.device),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "workload": workload.name,
+        "num_requests": len(workload),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "workload_metadata": {k: str(v) for k, v in workload.metadata.items()},
+    }
+    write_run(
+        run_dir,
+        requests=requests_df,
+        iterations=iterations_df,
+        summary=summary,
+        run_info=info,
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        plots=cfg.plots,
+    )
+    print_summary(summary, run_dir, title=info["variant"])
+    return {"status": "ok", **summary}

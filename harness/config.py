@@ -1,0 +1,107 @@
+"""Config schemas, resolvers and the checks that run before any work.
+
+Groups without a ``_target_`` (``executor``, ``model``, ``slo``) are structured configs: Hydra
+rejects an unknown key or a value outside an enum while composing, naming both. Groups with a
+``_target_`` (the three policy groups) may name any class, so their keys are checked against the
+class's constructor instead (``check_component``), and their values by the constructor itself;
+all three are built before the model is loaded.
+
+``${by_device:DEVICE,CPU_VALUE,CUDA_VALUE}`` picks a value by the device a run will use
+(``auto`` = cuda when a GPU is visible), so one experiment file sizes itself for a laptop CPU or
+an H100.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from policies.registry import import_object
+
+
+class DType(enum.Enum):
+    auto = "auto"
+    float64 = "float64"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class EngineKind(enum.Enum):
+    torch = "torch"
+
+
+@dataclass
+class ExecutorConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: DType = DType.auto
+    engine: EngineKind = EngineKind.torch
+    warmup: bool = True  # a few short requests before the replay (CUDA init, allocator)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama-tiny"  # a preset, or a label when path is set
+    path: str | None = None  # a local checkpoint directory (real weights, its own tokenizer)
+
+
+@dataclass
+class SloConfig:
+    """Goodput SLOs in milliseconds (vLLM's --goodput); null leaves a metric unconstrained."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2el_ms: float | None = None
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(group="executor", name="schema", node=ExecutorConfig)
+    store.store(group="model", name="schema", node=ModelConfig)
+    store.store(group="slo", name="schema", node=SloConfig)
+
+
+def resolve_device_name(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def by_device(device: str, cpu_value: Any, cuda_value: Any) -> Any:
+    return cuda_value if resolve_device_name(str(device)).startswith("cuda") else cpu_value
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("by_device"):
+        OmegaConf.register_new_resolver("by_device", by_device)
+
+
+def check_component(group: str, node: Mapping[str, Any]) -> type:
+    """The class a ``_target_`` group names, after checking the group's keys against its
+    constructor (a typo fails here, naming the key and the accepted ones)."""
+    target = node.get("_target_")
+    if not target:
+        raise ValueError(f"{group}: no _target_ given (the class to build)")
+    cls = import_object(str(target))
+    parameters = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    accepted = [name for name in parameters if name not in ("self", "args", "kwargs")]
+    for key in node:
+        if key != "_target_" and key not in parameters and not takes_any:
+            raise ValueError(
+                f"{group}.{key} is not an argument of {target}; accepted: {', '.join(accepted)}"
+            )
+    return cls
+
+
+def component_kwargs(node: Any) -> dict[str, Any]:
+    """A ``_target_`` node as a plain dict (interpolations resolved), for ``policies.registry``."""
+    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
