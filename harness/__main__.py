@@ -1,8 +1,8 @@
 """``python -m harness [overrides]``: one run, an experiment, or a sweep (``-m``).
 
-python -m harness                                   # the default run
-python -m harness experiment=fcfs_vs_maxutil         # GUARANTEED_NO_EVICT vs MAX_UTILIZATION
-python -m harness -m workload.arrival.rate=1,2,4 capacity_scheduler=guaranteed_no_evict,max_utilization
+python -m harness                                 # the default run
+python -m harness experiment=fcfs_vs_maxutil      # GUARANTEED_NO_EVICT vs MAX_UTILIZATION
+python -m harness -m workload.rate=1,2,4 capacity_scheduler=guaranteed_no_evict,max_utilization
 """
 
 from __future__ import annotations

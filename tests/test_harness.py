@@ -1,0 +1,250 @@
+"""The Hydra harness end to end: every experiment composes and runs shrunk, sweeps (one job
+failing), config errors before any work, a user's policy by ``_target_``, the notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from harness.config import check_component, register_configs, register_resolvers
+from harness.results import RunResult, SweepResult, load
+from harness.workload import build_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "harness" / "conf" / "experiment").glob("*.yaml"))
+# Shrink any workload: a few requests, short outputs, on the CPU.
+SHRINK = [
+    "executor.device=cpu",
+    "workload.max_requests=6",
+    "workload.max_output_len=6",
+    "workload.max_input_len=96",
+    "progress=false",
+]
+
+register_configs()
+register_resolvers()
+
+
+def harness(tmp_path: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run(
+        # flags (-m) must come before the overrides
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            *sorted(args, key=lambda a: not a.startswith("-")),
+            f"output_root={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def only_dir(path: Path) -> Path:
+    [child] = [p for p in path.iterdir() if p.is_dir()]
+    return child
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds_its_workload(experiment):
+    with initialize_config_module(config_module="harness.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"])
+    assert cfg.name == experiment
+    for group in ("capacity_scheduler", "microbatch_scheduler", "kv_cache_manager"):
+        check_component(group, OmegaConf.to_container(cfg[group], resolve=True))
+    workload = build_workload(
+        OmegaConf.to_container(cfg.workload, resolve=True), vocab_size=320, max_seq_len=512
+    )
+    assert len(workload) > 0
+
+
+def test_at_least_three_experiments():
+    assert {"fcfs_vs_maxutil", "chunked_prefill", "prefix_reuse"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_shrunk(tmp_path, experiment):
+    proc = harness(tmp_path, f"experiment={experiment}", *SHRINK)
+    sweep_dir = only_dir(tmp_path / experiment)
+    result = load(sweep_dir)
+    assert isinstance(result, SweepResult)
+    assert len(result.runs) >= 2 and all(run.status == "ok" for run in result.runs)
+    assert (sweep_dir / "summary.csv").is_file()
+    assert (result.summary["completed"] == 6).all()
+    assert "sweep results:" in proc.stdout
+
+
+def test_fcfs_vs_maxutil_really_differs(tmp_path):
+    """The experiment's point: on the same arrivals, MAX_UTILIZATION preempts and
+    GUARANTEED_NO_EVICT does not (it queues instead)."""
+    harness(
+        tmp_path,
+        "experiment=fcfs_vs_maxutil",
+        "executor.device=cpu",
+        "progress=false",
+        "plots=false",
+        "workload.max_requests=24",
+    )
+    summary = load(only_dir(tmp_path / "fcfs_vs_maxutil")).summary.set_index("capacity_scheduler")
+    assert summary.loc["max_utilization", "num_preemptions"] > 0
+    assert summary.loc["guaranteed_no_evict", "num_preemptions"] == 0
+    assert summary.loc["guaranteed_no_evict", "max_queued_requests"] > 0
+
+
+def test_single_run_writes_its_results_and_the_notebook_reads_them(tmp_path):
+    proc = harness(tmp_path, *SHRINK, "name=single")
+    run_dir = only_dir(tmp_path / "single")
+    assert f"results: {run_dir}" in proc.stdout
+    for name in (
+        "config.yaml",
+        "run.json",
+        "requests.parquet",
+        "iterations.parquet",
+        "summary.json",
+        "latency_cdfs.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    result = load(run_dir)
+    assert isinstance(result, RunResult)
+    assert len(result.requests) == 6 and result.summary["completed"] == 6
+    assert result.info["device"] == "cpu"
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "experiments" / "analysis.ipynb", as_version=4)
+    os.environ["SCHEDLAB_RESULTS"] = str(run_dir)
+    try:
+        NotebookClient(
+            notebook,
+            timeout=300,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(ROOT)}},
+        ).execute()
+    finally:
+        del os.environ["SCHEDLAB_RESULTS"]
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("output_throughput" in str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+
+
+AZURE_EXCERPT = """TIMESTAMP,ContextTokens,GeneratedTokens
+2023-11-16 18:15:46.6805900,74,4
+2023-11-16 18:15:46.9951690,96,9
+2023-11-16 18:15:47.1000000,40,5
+"""
+
+
+def test_a_failing_job_leaves_the_others_and_the_summary(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text(AZURE_EXCERPT)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(AZURE_EXCERPT.replace(",96,", ",lots,"))
+    proc = harness(
+        tmp_path,
+        "-m",
+        "workload=azure",
+        f"workload.path={good},{bad}",
+        "name=sw",
+        "executor.device=cpu",
+        "progress=false",
+        expect_ok=False,
+    )
+    assert proc.returncode == 1
+    sweep_dir = only_dir(tmp_path / "sw")
+    result = load(sweep_dir)
+    statuses = dict(
+        zip(result.summary["workload.path"].astype(str), result.summary["status"], strict=True)
+    )
+    assert statuses == {str(good): "ok", str(bad): "failed"}
+    error = result.summary.set_index("status").loc["failed", "error"]
+    assert "bad.csv:3" in error and "lots" in error
+    assert (sweep_dir / "summary.csv").is_file() and "1 of 2 runs failed" in proc.stdout
+
+
+def test_a_malformed_trace_fails_before_any_work_and_writes_no_results(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens\n2023-11-16 18:15:46.6805900,74\n")
+    proc = harness(
+        tmp_path,
+        "workload=azure",
+        f"workload.path={bad}",
+        "name=bad",
+        "executor.device=cpu",
+        expect_ok=False,
+    )
+    assert proc.returncode == 2
+    assert "GeneratedTokens" in proc.stderr and "bad.csv" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    run_dir = only_dir(tmp_path / "bad")
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    assert not (run_dir / "requests.parquet").exists() and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("executor.dtype=float8", "float8"),
+        ("executor.dvice=cpu", "dvice"),
+        ("capacity_scheduler=shortest_first", "max_utilization"),
+        ("capacity_scheduler.max_num_request=3", "max_num_request"),
+        ("workload=nonexistent", "synthetic"),
+    ],
+)
+def test_wrong_keys_and_values_fail_at_composition(override, message):
+    with (
+        initialize_config_module(config_module="harness.conf", version_base="1.3"),
+        pytest.raises(Exception, match=message),
+    ):
+        cfg = compose(config_name="config", overrides=[override])
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_wrong_policy_values_fail_before_the_model_is_built(tmp_path):
+    proc = harness(tmp_path, "microbatch_scheduler.chunking=lifo", *SHRINK, expect_ok=False)
+    assert proc.returncode == 2
+    assert "chunking must be one of" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_users_policy_plugs_in_by_target(tmp_path):
+    harness(
+        tmp_path,
+        "capacity_scheduler._target_=tests.test_executor.AdmitAllOneStep",
+        "~capacity_scheduler.max_num_requests",
+        *SHRINK,
+        "name=mine",
+        "plots=false",
+    )
+    config = (only_dir(tmp_path / "mine") / "config.yaml").read_text()
+    assert "tests.test_executor.AdmitAllOneStep" in config
+
+
+def test_sweeps_run_in_parallel_with_the_joblib_launcher(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    harness(
+        tmp_path,
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "workload.rate=2,8",
+        *SHRINK,
+        "name=par",
+        "plots=false",
+    )
+    result = load(only_dir(tmp_path / "par"))
+    assert sorted(result.summary["workload.rate"]) == [2, 8]
+    assert (result.summary["status"] == "ok").all()
