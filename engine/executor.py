@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from engine.clock import Clock, WallClock
 from engine.decoder import Decoder
 from engine.model_engine import ModelEngine
-from engine.request import FinishReason, Request
+from engine.request import FinishReason, Request, RequestState
 from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.stats import IterationStats
@@ -223,7 +223,11 @@ class PyExecutor:
         num_completed: int,
     ) -> IterationStats:
         kv = self.kv_cache_manager.get_kv_cache_stats()
-        num_pending = sum(1 for r in self.active_requests if r.is_pending)
+        num_pending = num_paused = 0
+        for request in self.active_requests:
+            if request.is_pending:
+                num_pending += 1
+                num_paused += request.state is RequestState.PAUSED
         stats = IterationStats(
             iteration=self._num_iterations,
             time=start,
@@ -243,6 +247,8 @@ class PyExecutor:
             kv_used_blocks=kv.used_num_blocks,
             kv_free_blocks=kv.free_num_blocks,
             kv_cache_hit_rate=kv.cache_hit_rate,
+            num_running_requests=len(self.active_requests) - num_pending,
+            num_waiting_paused_requests=num_paused,
         )
         self._num_iterations += 1
         self.iteration_stats.append(stats)

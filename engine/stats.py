@@ -18,13 +18,15 @@ class IterationStats:
     num_context_tokens: int
     num_generation_requests: int
     num_paused_requests: int  # preempted this step
-    num_queued_requests: int  # pending (queued or paused) and not scheduled this step
+    num_queued_requests: int  # after the step: waiting for admission (never started or paused)
     num_active_requests: int  # arrived, unfinished, at the start of the step
     num_completed_requests: int  # finished this step
     kv_max_blocks: int
     kv_used_blocks: int
     kv_free_blocks: int
     kv_cache_hit_rate: float  # cumulative
+    num_running_requests: int = 0  # after the step: started, holding KV
+    num_waiting_paused_requests: int = 0  # after the step: preempted, waiting to be recomputed
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -119,7 +119,7 @@ def _latency_cdfs(
     if any(label for label, _ in requests_by_label):
         handles, labels = axes[0][0].get_legend_handles_labels()
         if handles:
-            fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+            fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
     fig.suptitle(title)
     return fig
 
@@ -158,18 +158,18 @@ def plot_kv_utilization(iterations: pd.DataFrame, path: Path, title: str = "") -
 
 
 def plot_request_counts(iterations: pd.DataFrame, path: Path, title: str = "") -> list[Path]:
-    """Running (scheduled this step), queued (pending, paused ones included) and paused
-    (preempted this step) request counts over time."""
+    """Running (holding KV), queued (waiting for admission, paused ones included) and paused
+    (preempted, waiting to be recomputed) request counts over time."""
     fig, axes = _figure()
     ax = axes[0][0]
     if len(iterations):
-        running = iterations["num_context_requests"] + iterations["num_generation_requests"]
-        for values, label in (
-            (running, "running (scheduled this step)"),
-            (iterations["num_queued_requests"], "queued (incl. paused)"),
-            (iterations["num_paused_requests"], "paused (preempted this step)"),
+        for column, label in (
+            ("num_running_requests", "running (holding KV)"),
+            ("num_queued_requests", "queued (incl. paused)"),
+            ("num_waiting_paused_requests", "paused (preempted, waiting)"),
         ):
-            _over_time(ax, iterations, values, label=label)
+            if column in iterations:
+                _over_time(ax, iterations, iterations[column], label=label)
         ax.legend(loc="best", fontsize="small")
     else:
         _no_data(ax)
@@ -332,7 +332,7 @@ def plot_sweep_kv_utilization(
     fig, axes = _figure(width=8.0)
     ax = axes[0][0]
     if _lines_over_time(ax, iterations, labels, "kv_utilization", scale=100):
-        fig.legend(loc="outside right upper", fontsize="small")
+        fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     ax.set_ylim(0, 105)
     ax.set_ylabel("% of KV-cache blocks used")
     ax.set_title("KV-cache utilization per run")
@@ -342,18 +342,41 @@ def plot_sweep_kv_utilization(
 def plot_sweep_request_counts(
     iterations: pd.DataFrame, labels: Mapping[str, str], path: Path
 ) -> list[Path]:
-    """Queued requests (top) and requests paused each step (bottom) over time, per run."""
-    fig, axes = _figure(2, 1, width=8.0, height=3.2, sharex=True)
-    top, bottom = axes[0][0], axes[1][0]
-    drawn = _lines_over_time(top, iterations, labels, "num_queued_requests")
-    _lines_over_time(bottom, iterations, labels, "num_paused_requests")
-    top.set_ylabel("queued requests\n(incl. paused)")
-    bottom.set_ylabel("paused this step")
-    top.set_xlabel("")
+    """Running (holding KV), queued (incl. paused) and paused-waiting requests over time,
+    one line per run."""
+    fig, axes = _figure(3, 1, width=8.0, height=2.6, sharex=True)
+    panels = [
+        ("num_running_requests", "running\n(holding KV)"),
+        ("num_queued_requests", "queued\n(incl. paused)"),
+        ("num_waiting_paused_requests", "paused\n(waiting)"),
+    ]
+    drawn = False
+    for row, (column, ylabel) in zip(axes, panels, strict=True):
+        drawn |= _lines_over_time(row[0], iterations, labels, column)
+        row[0].set_ylabel(ylabel)
+    for row in axes[:-1]:
+        row[0].set_xlabel("")
     if drawn:
-        handles, names = top.get_legend_handles_labels()
-        fig.legend(handles, names, loc="outside right upper", fontsize="small")
-    fig.suptitle("Queued and paused requests per run")
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize="small")
+    fig.suptitle("Running, queued and paused requests per run")
+    return [_save(fig, Path(path))]
+
+
+def plot_sweep_batch_composition(
+    iterations: pd.DataFrame, labels: Mapping[str, str], path: Path
+) -> list[Path]:
+    """Context (prefill) tokens and generation requests per step over time, one line per run."""
+    fig, axes = _figure(2, 1, width=8.0, height=3.0, sharex=True)
+    drawn = _lines_over_time(axes[0][0], iterations, labels, "num_context_tokens")
+    _lines_over_time(axes[1][0], iterations, labels, "num_generation_requests")
+    axes[0][0].set_ylabel("context tokens / step")
+    axes[0][0].set_xlabel("")
+    axes[1][0].set_ylabel("generation requests\n/ step")
+    if drawn:
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize="small")
+    fig.suptitle("Batch composition per run")
     return [_save(fig, Path(path))]
 
 
@@ -422,7 +445,7 @@ def plot_latency_vs_throughput(
         ax.set_visible(False)
     handles, names = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, names, loc="outside right upper", fontsize="small")
+        fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize="small")
     load_names = ", ".join(k.rsplit(".", 1)[-1] for k in loads)
     fig.suptitle(f"Latency vs throughput (points labelled by {load_names})")
     return [_save(fig, Path(path))]
@@ -436,7 +459,8 @@ def sweep_plots(
     out_dir: Path,
 ) -> list[Path]:
     """Every comparison plot into ``out_dir``: sweep_latency_cdfs.png, sweep_throughput.png,
-    sweep_kv_utilization.png, sweep_request_counts.png, and latency_vs_throughput.png when a
+    sweep_kv_utilization.png, sweep_request_counts.png, sweep_batch_composition.png, and
+    latency_vs_throughput.png when a
     load override varies. ``summary`` has one row per run (column ``run``, ``status``, the
     override columns); ``requests`` / ``iterations`` carry a ``run`` column."""
     out = Path(out_dir)
@@ -446,5 +470,6 @@ def sweep_plots(
         *plot_sweep_throughput(summary, labels, out / "sweep_throughput.png"),
         *plot_sweep_kv_utilization(iterations, labels, out / "sweep_kv_utilization.png"),
         *plot_sweep_request_counts(iterations, labels, out / "sweep_request_counts.png"),
+        *plot_sweep_batch_composition(iterations, labels, out / "sweep_batch_composition.png"),
         *plot_latency_vs_throughput(summary, override_keys, out / "latency_vs_throughput.png"),
     ]

@@ -64,10 +64,10 @@ def replay(
         num_finished = len(executor.finished_requests)
         num_output_tokens += sum(r.num_output_tokens for r in newly_finished)
         if workload.concurrency is not None and newly_finished:
-            now = executor.clock.now()
+            # Each finished request releases the next one, sent the moment it finished.
             released = [
-                to_request(i, specs[i], now)
-                for i in range(num_sent, min(num_sent + len(newly_finished), len(specs)))
+                to_request(i, specs[i], done.finish_time)
+                for i, done in zip(range(num_sent, len(specs)), newly_finished, strict=False)
             ]
             executor.enqueue_requests(released)
             requests.extend(released)
