@@ -16,6 +16,7 @@ from engine.scheduler import Scheduler
 from policies import registry
 from policies.kv_cache import PagedKVCacheManager
 from policies.microbatch import TokenBudgetMicroBatchScheduler
+from tests.scenario import run_step
 
 NUM_RUNNING = 256
 NUM_WAITING = 1000
@@ -58,18 +59,7 @@ def build_state(capacity: str, enable_block_reuse: bool):
 
 def one_iteration(scheduler, kv, active):
     batch = scheduler.schedule_request(active, kv)
-    for request in batch.context_requests:
-        if request.is_pending:
-            request.start(0.0)
-    kv.prepare_resources(batch)
-    sampling = batch.sampling_requests
-    for request in batch.context_requests:
-        request.num_computed_tokens += request.context_chunk_size
-    for request in batch.generation_requests:
-        request.num_computed_tokens += 1
-    for request in sampling:
-        request.append_token(5, 0.0)
-    kv.update_resources(batch)
+    run_step(kv, batch)  # the executor's bookkeeping around the forward
     return batch
 
 
