@@ -106,7 +106,8 @@ class LLM:
     ``model``: a preset name (``engine.models.PRESETS``), a local checkpoint directory, or a
     transformers model. ``capacity_scheduler`` / ``microbatch_scheduler`` / ``kv_cache_manager``:
     a registered name, a dict of constructor arguments (optionally with ``name`` or
-    ``_target_``), or an instance (see ``policies.registry``).
+    ``_target_``), or an instance (see ``policies.registry``). ``attention_backend``: ``auto``
+    (Triton kernels on CUDA, the torch reference on CPU), ``torch`` or ``triton``.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class LLM:
         kv_cache_manager: Any = None,
         seed: int = 0,
         clock: Clock | None = None,
+        attention_backend: str = "auto",
     ):
         from engine.models import PagedCausalLM, load_model
 
@@ -137,7 +139,7 @@ class LLM:
         loaded = load_model(model, device=self.device, dtype=self.dtype, seed=seed)
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
-        paged = PagedCausalLM(loaded.hf_model)
+        paged = PagedCausalLM(loaded.hf_model, attention_backend=attention_backend)
         self.kv_cache_manager.allocate_pool(
             paged.num_layers, paged.num_kv_heads, paged.head_dim, self.dtype, self.device
         )

@@ -38,6 +38,10 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [num_logits] int64
     max_query_len: int
     max_seq_len: int
+    # Host-side split (contexts first, then single-token generations), known to the builder;
+    # None: derive it from the tensors (a device-to-host copy on CUDA).
+    num_context_seqs: int | None = None
+    num_context_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +120,8 @@ def build_forward_batch(
         logits_indices=as_tensor(logits_indices),
         max_query_len=max(lengths, default=0),
         max_seq_len=max(seq_lens, default=0),
+        num_context_seqs=len(batch.context_requests),
+        num_context_tokens=batch.num_context_tokens,
     )
 
 

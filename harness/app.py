@@ -115,6 +115,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
         device=device,
         dtype=cfg.executor.dtype.value,
         seed=cfg.seed,
+        attention_backend=cfg.executor.attention_backend.value,
         **parts,
     )
     if cfg.executor.warmup:

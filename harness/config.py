@@ -37,11 +37,18 @@ class EngineKind(enum.Enum):
     torch = "torch"
 
 
+class AttentionBackend(enum.Enum):
+    auto = "auto"  # Triton kernels on CUDA, the torch reference on CPU
+    torch = "torch"
+    triton = "triton"
+
+
 @dataclass
 class ExecutorConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: DType = DType.auto
     engine: EngineKind = EngineKind.torch
+    attention_backend: AttentionBackend = AttentionBackend.auto
     warmup: bool = True  # a few short requests before the replay (CUDA init, allocator)
 
 

@@ -8,6 +8,8 @@ HF submodules, so the numerics match ``hf_model(input_ids)``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -41,7 +43,7 @@ class PagedCausalLM:
     model's dtype. Raises ``ValueError`` for any other architecture.
     """
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    def __init__(self, hf_model: nn.Module, attention_backend: str = "auto") -> None:
         arch = type(hf_model).__name__
         if arch not in SUPPORTED_ARCHITECTURES:
             supported = ", ".join(SUPPORTED_ARCHITECTURES)
@@ -50,6 +52,7 @@ class PagedCausalLM:
         config = hf_model.config
         self._model = hf_model.model  # the decoder stack (embed_tokens, layers, norm, rotary_emb)
         self._lm_head: nn.Module = hf_model.lm_head
+        self.attention_backend = resolve_attention_backend(attention_backend, self.device)
         self._num_heads: int = config.num_attention_heads
         self._num_kv_heads: int = config.num_key_value_heads or config.num_attention_heads
         self._head_dim: int = (
@@ -132,8 +135,7 @@ class PagedCausalLM:
                 k = attn.k_norm(k)
             q = _apply_rope(q, cos, sin)
             k = _apply_rope(k, cos, sin)
-            write_kv(k, v, kv_pool[i], batch.slot_mapping)
-            out = paged_attention(q, kv_pool[i], batch, self._scales[i], self._windows[i])
+            out = self._attention(q, k, v, kv_pool[i], batch, i)
             hidden = residual + attn.o_proj(out.reshape(num_tokens, -1))
 
             residual = hidden
@@ -144,3 +146,78 @@ class PagedCausalLM:
         return self._lm_head(hidden)
 
     __call__ = forward
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pool_layer: torch.Tensor,
+        batch: ForwardBatch,
+        layer: int,
+    ) -> torch.Tensor:
+        """Write this step's K/V into the pool, then attend through the block tables."""
+        scale, window = self._scales[layer], self._windows[layer]
+        if self.attention_backend == "torch":
+            write_kv(k, v, pool_layer, batch.slot_mapping)
+            return paged_attention(q, pool_layer, batch, scale, window)
+        import kernels
+
+        kernels.write_kv(k, v, pool_layer, batch.slot_mapping)
+        num_ctx_seqs, num_ctx_tokens = context_split(batch)
+        outputs = []
+        if num_ctx_seqs:  # contexts (chunked prefill), flattened first in the batch
+            outputs.append(
+                kernels.paged_prefill_attention(
+                    q[:num_ctx_tokens],
+                    pool_layer,
+                    batch.query_start_loc[: num_ctx_seqs + 1],
+                    batch.seq_lens[:num_ctx_seqs],
+                    batch.block_tables[:num_ctx_seqs],
+                    batch.max_query_len,
+                    scale,
+                    window,
+                )
+            )
+        if num_ctx_seqs < batch.num_seqs:  # generations: one token each, at seq_len - 1
+            outputs.append(
+                kernels.paged_decode_attention(
+                    q[num_ctx_tokens:],
+                    pool_layer,
+                    batch.block_tables[num_ctx_seqs:],
+                    batch.seq_lens[num_ctx_seqs:],
+                    scale,
+                    window,
+                )
+            )
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """``auto``: Triton kernels on CUDA, the torch reference elsewhere. Triton on a CPU runs only
+    through its interpreter (TRITON_INTERPRET=1 set before the kernels are imported)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "attention_backend='triton' on a CPU needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before starting (slow; for tests)"
+        )
+    return name
+
+
+def context_split(batch: ForwardBatch) -> tuple[int, int]:
+    """(number of context sequences, their tokens): the builder's host-side values, or derived
+    from the tensors (trailing single-token sequences are generations)."""
+    if batch.num_context_seqs is not None and batch.num_context_tokens is not None:
+        return batch.num_context_seqs, batch.num_context_tokens
+    q_lens = (batch.query_start_loc[1:] - batch.query_start_loc[:-1]).tolist()
+    split = len(q_lens)
+    while split > 0 and q_lens[split - 1] == 1:
+        split -= 1
+    return split, sum(q_lens[:split])
