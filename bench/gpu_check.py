@@ -41,7 +41,7 @@ def hf_greedy(hf_model, prompt, max_new_tokens):
     return out[0, len(prompt) :].tolist()
 
 
-def check_tiny_exact(preset: str) -> dict:
+def check_tiny_exact(preset: str, attention_backend: str = "auto") -> dict:
     hf = load_model(preset, device="cuda", dtype=torch.float32, seed=0).hf_model
     g = torch.Generator().manual_seed(3)
     system = torch.randint(3, 259, (16,), generator=g).tolist()
@@ -61,6 +61,7 @@ def check_tiny_exact(preset: str) -> dict:
     outs = llm.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
     return {
         "preset": preset,
+        "attention": llm.model_engine.model.attention_backend,
         "exact": sum(o.token_ids == e for o, e in zip(outs, expected, strict=True)),
         "of": len(prompts),
         "preemptions": sum(o.metrics.num_preemptions for o in outs),
@@ -74,7 +75,9 @@ def reference_prompts(vocab: int, num: int = 256):
     return [torch.randint(10, vocab - 10, (int(n),), generator=g).tolist() for n in lengths]
 
 
-def reference_workload(preset: str, capacity: str, kv_fraction: float) -> dict:
+def reference_workload(
+    preset: str, capacity: str, kv_fraction: float, attention_backend: str = "auto"
+) -> dict:
     torch.cuda.reset_peak_memory_stats()
     llm = LLM(
         preset,
@@ -138,6 +141,7 @@ def main() -> None:
     # workspace on long prefills: leave room for it (the Triton path will need far less).
     parser.add_argument("--kv-fraction", type=float, default=0.6)
     parser.add_argument("--skip-tiny", action="store_true")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     args = parser.parse_args()
     env = {
         "gpu": torch.cuda.get_device_name(),
@@ -150,23 +154,26 @@ def main() -> None:
     for preset in (
         () if args.skip_tiny else ("llama-tiny", "qwen2-tiny", "qwen3-tiny", "mistral-tiny")
     ):
-        log["tiny"].append(check_tiny_exact(preset))
+        log["tiny"].append(check_tiny_exact(preset, args.attention_backend))
         print(log["tiny"][-1], flush=True)
     for preset in args.presets.split(","):
         for capacity in args.capacities.split(","):
-            log["reference"].append(reference_workload(preset, capacity, args.kv_fraction))
+            log["reference"].append(
+                reference_workload(preset, capacity, args.kv_fraction, args.attention_backend)
+            )
             print(log["reference"][-1], flush=True)
             Path(args.out, "gpu_check.json").write_text(json.dumps(log, indent=1))
     print("\n== tiny presets, CUDA float32 vs transformers generate() ==")
     for row in log["tiny"]:
         print(
-            f"{row['preset']:13s} exact {row['exact']}/{row['of']}  "
+            f"{row['preset']:13s} {row['attention']:6s} exact {row['exact']}/{row['of']}  "
             f"preemptions {row['preemptions']}  cached tokens {row['cached_tokens']}"
         )
     print("\n== reference workload (256 req, 128 out), bf16, torch reference attention, eager ==")
     for row in log["reference"]:
         print(
-            f"{row['preset']:9s} {row['capacity']:20s} {row['seconds']:7.2f} s  "
+            f"{row['preset']:9s} {row['capacity']:20s} {row['attention']:6s} "
+            f"{row['seconds']:7.2f} s  "
             f"{row['output_tok_s']:8.1f} out tok/s  preempt {row['preemptions']:4d}  "
             f"steps {row['steps']}  sched {row['mean_sched_ms']} ms/step  "
             f"peak {row['peak_gib']} GiB"
