@@ -105,6 +105,7 @@ def reference_workload(
     result = {
         "preset": preset,
         "capacity": capacity,
+        "attention": llm.model_engine.model.attention_backend,
         "seconds": round(seconds, 2),
         "output_tok_s": round(num_out / seconds, 1),
         "prompt_tokens": sum(map(len, prompts)),
@@ -169,7 +170,7 @@ def main() -> None:
             f"{row['preset']:13s} {row['attention']:6s} exact {row['exact']}/{row['of']}  "
             f"preemptions {row['preemptions']}  cached tokens {row['cached_tokens']}"
         )
-    print("\n== reference workload (256 req, 128 out), bf16, torch reference attention, eager ==")
+    print("\n== reference workload (256 req, 128 out), bf16, eager (no CUDA graphs) ==")
     for row in log["reference"]:
         print(
             f"{row['preset']:9s} {row['capacity']:20s} {row['attention']:6s} "
