@@ -11,7 +11,7 @@ them::
 A context (prefill) step computes a chunk of the not-yet-computed tokens; a generation step
 computes exactly one token (the last sampled one) and samples the next. Preemption by recompute
 simply sets ``num_computed_tokens = 0``: the generated tokens are folded into the context that is
-recomputed later (``num_context_tokens`` grows to ``num_tokens``), and no output is lost.
+recomputed later (the next context phase covers all ``num_tokens``), and no output is lost.
 
 States::
 
@@ -41,7 +41,6 @@ class RequestState(enum.Enum):
 # per-step predicates below pay for every active request.
 _PENDING_STATES = (RequestState.QUEUED, RequestState.PAUSED)
 _STARTED_STATES = (RequestState.CONTEXT, RequestState.GENERATION)
-_CONTEXT_STATES = (RequestState.QUEUED, RequestState.PAUSED, RequestState.CONTEXT)
 _FINISHED_STATES = (RequestState.COMPLETE, RequestState.REJECTED)
 _GENERATION = RequestState.GENERATION
 
@@ -130,18 +129,8 @@ class Request:
         return len(self.prompt_token_ids) + self.sampling_params.max_new_tokens
 
     @property
-    def num_context_tokens(self) -> int:
-        """Tokens the current context phase must compute in all (the prompt, plus the folded
-        output after a pause). Meaningful while the request is not generating."""
-        return self.num_tokens
-
-    @property
     def num_remaining_context_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def num_remaining_output_tokens(self) -> int:
-        return self.sampling_params.max_new_tokens - len(self.output_token_ids)
 
     # ---- state predicates ------------------------------------------------------------------
     @property
@@ -153,11 +142,6 @@ class Request:
     def is_started(self) -> bool:
         """Holds KV blocks: admitted and not finished or paused."""
         return self.state in _STARTED_STATES
-
-    @property
-    def is_context(self) -> bool:
-        """Its next step is a context (prefill) chunk: pending, or prefilling."""
-        return self.state in _CONTEXT_STATES
 
     @property
     def is_generation(self) -> bool:

@@ -617,7 +617,7 @@ class _Driver:
             request.append_token((request.request_id + request.num_output_tokens) % 3, 0.0)
         kv.update_resources(batch)
         for request in sampling:
-            if request.num_remaining_output_tokens == 0:
+            if request.num_output_tokens >= request.sampling_params.max_new_tokens:
                 self.running.remove(request)
                 finish(kv, request)
 
