@@ -249,6 +249,7 @@ class PyExecutor:
             kv_cache_hit_rate=kv.cache_hit_rate,
             num_running_requests=len(self.active_requests) - num_pending,
             num_waiting_paused_requests=num_paused,
+            input_prep_time=0.0 if batch.is_empty else self.model_engine.last_input_prep_time,
         )
         self._num_iterations += 1
         self.iteration_stats.append(stats)

@@ -16,6 +16,7 @@ paged forward needs::
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -62,6 +63,8 @@ class ModelEngine(ABC):
 
     max_seq_len: int
     vocab_size: int
+    # Host time the last forward spent building its inputs (s); reported per iteration.
+    last_input_prep_time: float = 0.0
 
     @abstractmethod
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor: ...
@@ -137,5 +140,7 @@ class TorchModelEngine(ModelEngine):
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor:
         if kv_cache_manager.kv_pool is None:
             raise RuntimeError("the KV cache manager has no pool: call allocate_pool first")
+        start = time.perf_counter()
         inputs = build_forward_batch(batch, kv_cache_manager, self.device)
+        self.last_input_prep_time = time.perf_counter() - start
         return self.model.forward(inputs, kv_cache_manager.kv_pool)

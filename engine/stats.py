@@ -27,6 +27,7 @@ class IterationStats:
     kv_cache_hit_rate: float  # cumulative
     num_running_requests: int = 0  # after the step: started, holding KV
     num_waiting_paused_requests: int = 0  # after the step: preempted, waiting to be recomputed
+    input_prep_time: float = 0.0  # host time building the model's inputs (part of forward_time)
 
     @property
     def num_scheduled_tokens(self) -> int:

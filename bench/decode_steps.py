@@ -1,0 +1,126 @@
+"""Decode step time against the memory floor, and where a step's time goes.
+
+    PYTHONPATH=. python bench/decode_steps.py --out $OUT [--presets llama-8b,llama-1b]
+
+For each batch size B, B requests with a 1,024-token context decode together; a step's floor is
+reading all weights plus the batch's KV once at the copy bandwidth measured in the same run.
+Columns: median step time, floor, ratio, and the host time of the step spent in scheduling
+(capacity + micro-batch passes) and in building the model's inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+
+CONTEXT = 1024
+WARMUP_STEPS = 3
+TIMED_STEPS = 20
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / 20
+    del x, y
+    return 2 * 2**30 / seconds
+
+
+def decode_table(preset: str, batch_sizes: list[int], bandwidth: float) -> list[dict]:
+    llm = LLM(
+        preset,
+        device="cuda",
+        dtype="bfloat16",
+        capacity_scheduler="guaranteed_no_evict",
+        microbatch_scheduler=dict(
+            max_batch_size=256, max_num_tokens=16384, chunking="first_come_first_served"
+        ),
+        kv_cache_manager=dict(tokens_per_block=32, free_gpu_memory_fraction=0.85),
+    )
+    model = llm.model_engine.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
+    kv_bytes_per_token = model.num_layers * 2 * model.num_kv_heads * model.head_dim * 2
+    executor = llm.executor
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in batch_sizes:
+        prompts = torch.randint(10, model.vocab_size - 10, (batch, CONTEXT - 1), generator=g)
+        params = SamplingParams(max_new_tokens=WARMUP_STEPS + TIMED_STEPS + 2, ignore_eos=True)
+        requests = llm.make_requests(prompts.tolist(), params)
+        executor.enqueue_requests(requests)
+        while not all(r.is_generation for r in requests):
+            executor.step()
+        for _ in range(WARMUP_STEPS):
+            executor.step()
+        seconds = []
+        for _ in range(TIMED_STEPS):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            executor.step()
+            torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        stats = executor.iteration_stats[-TIMED_STEPS:]
+        assert all(s.num_generation_requests == batch for s in stats)
+        executor.run()
+        step = statistics.median(seconds)
+        floor = (weight_bytes + batch * CONTEXT * kv_bytes_per_token) / bandwidth
+        sched = statistics.median(s.scheduling_time for s in stats)
+        prep = statistics.median(s.input_prep_time for s in stats)
+        rows.append(
+            {
+                "preset": preset,
+                "batch": batch,
+                "step_ms": round(step * 1e3, 2),
+                "floor_ms": round(floor * 1e3, 2),
+                "ratio": round(step / floor, 2),
+                "sched_ms": round(sched * 1e3, 3),
+                "input_prep_ms": round(prep * 1e3, 3),
+                "host_share": round((sched + prep) / step, 3),
+            }
+        )
+        print(rows[-1], flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--presets", default="llama-8b,llama-1b")
+    parser.add_argument("--batches", default="1,8,32,64,128,256")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s ({torch.cuda.get_device_name()})")
+    rows = []
+    for preset in args.presets.split(","):
+        rows += decode_table(preset, [int(b) for b in args.batches.split(",")], bandwidth)
+        Path(args.out, "decode_steps.json").write_text(
+            json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1)
+        )
+    print("\npreset     batch  step ms  floor ms  ratio  sched ms  input ms  host share")
+    for r in rows:
+        print(
+            f"{r['preset']:9s} {r['batch']:6d} {r['step_ms']:8.2f} {r['floor_ms']:9.2f} "
+            f"{r['ratio']:6.2f} {r['sched_ms']:9.3f} {r['input_prep_ms']:9.3f} "
+            f"{r['host_share']:10.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
