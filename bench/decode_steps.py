@@ -25,41 +25,54 @@ WARMUP_STEPS = 3
 TIMED_STEPS = 20
 
 
-def copy_bandwidth() -> float:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str) -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(20):
         y.copy_(x)
-    torch.cuda.synchronize()
+    synchronize(device)
     seconds = (time.perf_counter() - start) / 20
     del x, y
     return 2 * 2**30 / seconds
 
 
-def decode_table(preset: str, batch_sizes: list[int], bandwidth: float) -> list[dict]:
+def decode_table(
+    preset: str, batch_sizes: list[int], bandwidth: float, device: str, context: int
+) -> list[dict]:
     llm = LLM(
         preset,
-        device="cuda",
-        dtype="bfloat16",
+        device=device,
+        dtype="bfloat16" if device.startswith("cuda") else "float32",
         capacity_scheduler="guaranteed_no_evict",
         microbatch_scheduler=dict(
             max_batch_size=256, max_num_tokens=16384, chunking="first_come_first_served"
         ),
-        kv_cache_manager=dict(tokens_per_block=32, free_gpu_memory_fraction=0.85),
+        kv_cache_manager=dict(
+            tokens_per_block=32,
+            free_gpu_memory_fraction=0.85,
+            max_tokens=None if device.startswith("cuda") else 256 * (context + 32),
+        ),
     )
     model = llm.model_engine.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
-    kv_bytes_per_token = model.num_layers * 2 * model.num_kv_heads * model.head_dim * 2
+    kv_bytes_per_token = (
+        model.num_layers * 2 * model.num_kv_heads * model.head_dim * model.dtype.itemsize
+    )
     executor = llm.executor
     g = torch.Generator().manual_seed(0)
     rows = []
     for batch in batch_sizes:
-        prompts = torch.randint(10, model.vocab_size - 10, (batch, CONTEXT - 1), generator=g)
+        prompts = torch.randint(10, model.vocab_size - 10, (batch, context - 1), generator=g)
         params = SamplingParams(max_new_tokens=WARMUP_STEPS + TIMED_STEPS + 2, ignore_eos=True)
         requests = llm.make_requests(prompts.tolist(), params)
         executor.enqueue_requests(requests)
@@ -69,16 +82,16 @@ def decode_table(preset: str, batch_sizes: list[int], bandwidth: float) -> list[
             executor.step()
         seconds = []
         for _ in range(TIMED_STEPS):
-            torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             executor.step()
-            torch.cuda.synchronize()
+            synchronize(device)
             seconds.append(time.perf_counter() - start)
         stats = executor.iteration_stats[-TIMED_STEPS:]
         assert all(s.num_generation_requests == batch for s in stats)
         executor.run()
         step = statistics.median(seconds)
-        floor = (weight_bytes + batch * CONTEXT * kv_bytes_per_token) / bandwidth
+        floor = (weight_bytes + batch * context * kv_bytes_per_token) / bandwidth
         sched = statistics.median(s.scheduling_time for s in stats)
         prep = statistics.median(s.input_prep_time for s in stats)
         rows.append(
@@ -95,7 +108,8 @@ def decode_table(preset: str, batch_sizes: list[int], bandwidth: float) -> list[
         )
         print(rows[-1], flush=True)
     del llm
-    torch.cuda.empty_cache()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -104,12 +118,16 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--presets", default="llama-8b,llama-1b")
     parser.add_argument("--batches", default="1,8,32,64,128,256")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--context", type=int, default=CONTEXT)
     args = parser.parse_args()
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s ({torch.cuda.get_device_name()})")
+    bandwidth = copy_bandwidth(args.device)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s ({name})")
     rows = []
     for preset in args.presets.split(","):
-        rows += decode_table(preset, [int(b) for b in args.batches.split(",")], bandwidth)
+        batches = [int(b) for b in args.batches.split(",")]
+        rows += decode_table(preset, batches, bandwidth, args.device, args.context)
         Path(args.out, "decode_steps.json").write_text(
             json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1)
         )
