@@ -73,7 +73,8 @@ def decode_table(
     rows = []
     for batch in batch_sizes:
         prompts = torch.randint(10, model.vocab_size - 10, (batch, context - 1), generator=g)
-        params = SamplingParams(max_new_tokens=WARMUP_STEPS + TIMED_STEPS + 2, ignore_eos=True)
+        # Margin: requests that finish prefill early decode while the rest still prefill.
+        params = SamplingParams(max_new_tokens=WARMUP_STEPS + TIMED_STEPS + 48, ignore_eos=True)
         requests = llm.make_requests(prompts.tolist(), params)
         executor.enqueue_requests(requests)
         while not all(r.is_generation for r in requests):
