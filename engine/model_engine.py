@@ -73,55 +73,66 @@ class ModelEngine(ABC):
 def build_forward_batch(
     batch: SchedulerOutput, kv_cache_manager: KVCacheManager, device: torch.device
 ) -> ForwardBatch:
-    """Flatten ``batch`` (contexts first, then generations) into a ``ForwardBatch``."""
-    tokens_per_block = kv_cache_manager.tokens_per_block
+    """Flatten ``batch`` (contexts first, then generations) into a ``ForwardBatch``.
+
+    Built in plain lists and sent to the device as one int64 tensor in one copy: at 256 decoding
+    requests this runs every step, so it avoids per-request tensors and never copies a whole
+    token history (a generation step needs only its last token).
+    """
+    tpb = kv_cache_manager.tokens_per_block
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     query_start_loc = [0]
     seq_lens: list[int] = []
-    block_rows: list[list[int]] = []
     logits_indices: list[int] = []
-
-    def add(request, start: int, end: int, samples: bool) -> None:
-        token_ids = request.all_token_ids
-        block_ids = kv_cache_manager.get_block_ids(request)
-        input_ids.extend(token_ids[start:end])
-        positions.extend(range(start, end))
-        slots.extend(
-            block_ids[p // tokens_per_block] * tokens_per_block + p % tokens_per_block
-            for p in range(start, end)
-        )
-        query_start_loc.append(len(input_ids))
-        seq_lens.append(end)
-        block_rows.append(block_ids)
-        if samples:
-            logits_indices.append(len(input_ids) - 1)
+    block_rows: list[list[int]] = []
 
     for request in batch.context_requests:
         start = request.num_computed_tokens
-        add(request, start, start + request.context_chunk_size, request.is_last_context_chunk)
+        end = start + request.context_chunk_size
+        block_ids = kv_cache_manager.get_block_ids(request)
+        prompt = request.prompt_token_ids
+        tokens = prompt[start:end] if end <= len(prompt) else request.all_token_ids[start:end]
+        input_ids += tokens
+        positions += range(start, end)
+        slots += [block_ids[p // tpb] * tpb + p % tpb for p in range(start, end)]
+        query_start_loc.append(len(input_ids))
+        seq_lens.append(end)
+        block_rows.append(block_ids)
+        if request.is_last_context_chunk:
+            logits_indices.append(len(input_ids) - 1)
     for request in batch.generation_requests:
-        add(request, request.num_tokens - 1, request.num_tokens, True)
+        position = request.num_tokens - 1  # the last sampled token, not yet in the cache
+        block_ids = kv_cache_manager.get_block_ids(request)
+        input_ids.append(request.output_token_ids[-1])
+        positions.append(position)
+        slots.append(block_ids[position // tpb] * tpb + position % tpb)
+        logits_indices.append(len(input_ids) - 1)
+        query_start_loc.append(len(input_ids))
+        seq_lens.append(position + 1)
+        block_rows.append(block_ids)
 
-    max_blocks = max((len(row) for row in block_rows), default=0)
-    table = torch.zeros((len(block_rows), max(max_blocks, 1)), dtype=torch.int64)
-    for i, row in enumerate(block_rows):
-        table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-    lengths = [query_start_loc[i + 1] - query_start_loc[i] for i in range(len(seq_lens))]
-
-    def as_tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
+    num_tokens, num_seqs = len(input_ids), len(seq_lens)
+    max_blocks = max(max((len(row) for row in block_rows), default=0), 1)
+    table = [b for row in block_rows for b in (*row, *([0] * (max_blocks - len(row))))]
+    #   flat = input_ids | positions | slots | query_start_loc | seq_lens | logits | table
+    sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_indices)]
+    flat = torch.tensor(
+        input_ids + positions + slots + query_start_loc + seq_lens + logits_indices + table,
+        dtype=torch.int64,
+    ).to(device)
+    parts = torch.split(flat, [*sizes, len(table)])
+    q_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(num_seqs)]
     return ForwardBatch(
-        input_ids=as_tensor(input_ids),
-        positions=as_tensor(positions),
-        slot_mapping=as_tensor(slots),
-        query_start_loc=as_tensor(query_start_loc),
-        seq_lens=as_tensor(seq_lens),
-        block_tables=table.to(device),
-        logits_indices=as_tensor(logits_indices),
-        max_query_len=max(lengths, default=0),
+        input_ids=parts[0],
+        positions=parts[1],
+        slot_mapping=parts[2],
+        query_start_loc=parts[3],
+        seq_lens=parts[4],
+        block_tables=parts[6].view(num_seqs, max_blocks),
+        logits_indices=parts[5],
+        max_query_len=max(q_lens, default=0),
         max_seq_len=max(seq_lens, default=0),
         num_context_seqs=len(batch.context_requests),
         num_context_tokens=batch.num_context_tokens,
