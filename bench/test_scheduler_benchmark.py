@@ -10,7 +10,9 @@ except the forward and the sampling. Results go to docs/performance.md.
 from __future__ import annotations
 
 import pytest
+import torch
 
+from engine.model_engine import build_forward_batch
 from engine.request import Request, RequestState, SamplingParams
 from engine.scheduler import Scheduler
 from policies import registry
@@ -70,3 +72,13 @@ def test_scheduling_iteration(benchmark, capacity, enable_block_reuse):
     batch = benchmark(one_iteration, scheduler, kv, active)
     assert len(batch.generation_requests) == NUM_RUNNING and not batch.context_requests
     kv.check_integrity()
+
+
+def test_input_preparation(benchmark):
+    """Host time of flattening a 256-request decode batch into the model's inputs (cpu)."""
+    scheduler, kv, active = build_state("max_utilization", False)
+    batch = scheduler.schedule_request(active, kv)
+    kv.prepare_resources(batch)
+    inputs = benchmark(build_forward_batch, batch, kv, torch.device("cpu"))
+    assert inputs.num_seqs == NUM_RUNNING and inputs.num_tokens == NUM_RUNNING
+    assert inputs.block_tables.shape == (NUM_RUNNING, PROMPT_LEN // TOKENS_PER_BLOCK + 1)
