@@ -53,7 +53,10 @@ def _kv_write_kernel(
     offs_h = tl.arange(0, HEADS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     # Power-of-two tiles (tl.arange's requirement) padded with masks for odd head counts/dims.
-    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & (slot >= 0)
+    # (The slot test is broadcast to a tile before the `&`: Triton 3.9's interpreter turns
+    # `bool tile & bool scalar` into an int32 mask, which its loads reject.)
+    is_real = (offs_h[:, None] * 0 + slot) >= 0
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & is_real
 
     k = tl.load(
         key_ptr + token * stride_k_t + offs_h[:, None] * stride_k_h + offs_d[None, :] * stride_k_d,
