@@ -26,19 +26,7 @@ import transformers
 
 from engine import LLM, SamplingParams
 from engine.models import load_model
-
-
-def hf_greedy(hf_model, prompt, max_new_tokens):
-    ids = torch.tensor([prompt], device=hf_model.device)
-    out = hf_model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
+from tests.test_generate_equivalence import hf_greedy
 
 
 def check_tiny_exact(preset: str, attention_backend: str = "auto") -> dict:

@@ -131,6 +131,7 @@ class Scheduler:
     ):
         self.capacity_scheduler = capacity_scheduler
         self.microbatch_scheduler = microbatch_scheduler
+        self._last_context_requests: list[Request] = []
 
     def schedule_request(
         self,
@@ -138,12 +139,14 @@ class Scheduler:
         kv_cache_manager: KVCacheManager,
         inflight_request_ids: set[int] | None = None,
     ) -> SchedulerOutput:
-        for request in active_requests:
+        # Chunk sizes are per step: clear last step's (only contexts ever carry one).
+        for request in self._last_context_requests:
             request.context_chunk_size = 0
         capacity = self.capacity_scheduler.schedule(active_requests, kv_cache_manager)
         context, generation = self.microbatch_scheduler.schedule(
             capacity.fitting_requests, inflight_request_ids or set()
         )
+        self._last_context_requests = context
         return SchedulerOutput(
             context_requests=context,
             generation_requests=generation,

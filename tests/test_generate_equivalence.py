@@ -38,7 +38,7 @@ def make_prompts() -> list[list[int]]:
 
 
 def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf_model.device)
     out = hf_model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
