@@ -97,6 +97,12 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
     from harness.results import write_run
     from harness.workload import build_workload
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(
+            f"no value for {', '.join(missing)}: give it on the command line, e.g. "
+            f"{missing[0]}=..."
+        )
     device = resolve_device(resolve_device_name(cfg.executor.device))
     parts = build_parts(cfg)
     vocab_size, max_seq_len = model_limits(model_source(cfg))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from policies.registry import import_object
 
@@ -55,7 +55,9 @@ class ExecutorConfig:
 @dataclass
 class ModelConfig:
     name: str = "llama-tiny"  # a preset, or a label when path is set
-    path: str | None = None  # a local checkpoint directory (real weights, its own tokenizer)
+    # A local checkpoint directory (real weights, its own tokenizer); every model option sets
+    # it (null for presets), so model=local without model.path=... is reported as missing.
+    path: str | None = MISSING
 
 
 @dataclass

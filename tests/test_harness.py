@@ -250,3 +250,12 @@ def test_sweeps_run_in_parallel_with_the_joblib_launcher(tmp_path):
     result = load(only_dir(tmp_path / "par"))
     assert sorted(result.summary["workload.rate"]) == [2, 8]
     assert (result.summary["status"] == "ok").all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"), [(["workload=azure"], "workload.path"), (["model=local"], "model.path")]
+)
+def test_a_missing_mandatory_value_is_named(tmp_path, overrides, key):
+    proc = harness(tmp_path, *overrides, "executor.device=cpu", expect_ok=False)
+    assert proc.returncode == 2
+    assert f"no value for {key}" in proc.stderr and "Traceback" not in proc.stderr
