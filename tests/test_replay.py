@@ -55,3 +55,27 @@ def test_closed_loop_keeps_concurrency_and_releases_on_finish():
     for request in requests[2:]:
         assert request.arrival_time in finish_times
     assert [r.arrival_time for r in requests[:2]] == [0.0, 0.0]
+
+
+def test_progress_bar_shows_requests_done_and_live_throughput(monkeypatch):
+    import io
+    import sys
+
+    from harness.report import Progress
+
+    class FakeTerminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with Progress(4, enabled=True, label="run") as progress:
+        for done in range(1, 5):
+            progress.update(done, 10 * done)
+    text = terminal.getvalue()
+    assert "4/4" in text and "out tok/s" in text and "run" in text
+    silent = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", silent)
+    with Progress(4, enabled=False) as progress:
+        progress.update(4, 40)
+    assert silent.getvalue() == ""
