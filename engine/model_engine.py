@@ -155,3 +155,39 @@ class TorchModelEngine(ModelEngine):
         inputs = build_forward_batch(batch, kv_cache_manager, self.device)
         self.last_input_prep_time = time.perf_counter() - start
         return self.model.forward(inputs, kv_cache_manager.kv_pool)
+
+
+def pad_decode_batch(inputs: ForwardBatch, num_seqs: int) -> ForwardBatch:
+    """A decode-only batch padded to ``num_seqs`` sequences (a CUDA-graph bucket size).
+
+    Padding rows carry token 0 at position 0 with slot -1 (the KV write skips it) and a
+    one-token sequence in block 0; their attention output and logits are garbage and must be
+    dropped (the first ``inputs.num_seqs`` logits rows are the real ones). Real rows compute
+    exactly what they compute unpadded.
+    """
+    real = inputs.num_seqs
+    if inputs.num_context_seqs or inputs.num_tokens != real:
+        raise ValueError("pad_decode_batch takes a decode-only batch (one token a sequence)")
+    if num_seqs < real:
+        raise ValueError(f"cannot pad {real} sequences down to {num_seqs}")
+    extra = num_seqs - real
+
+    def grow(tensor: torch.Tensor, fill: int) -> torch.Tensor:
+        pad = tensor.new_full((extra, *tensor.shape[1:]), fill)
+        return torch.cat([tensor, pad])
+
+    return ForwardBatch(
+        input_ids=grow(inputs.input_ids, 0),
+        positions=grow(inputs.positions, 0),
+        slot_mapping=grow(inputs.slot_mapping, -1),
+        query_start_loc=torch.arange(
+            num_seqs + 1, dtype=torch.int64, device=inputs.seq_lens.device
+        ),
+        seq_lens=grow(inputs.seq_lens, 1),
+        block_tables=grow(inputs.block_tables, 0),
+        logits_indices=torch.arange(num_seqs, dtype=torch.int64, device=inputs.seq_lens.device),
+        max_query_len=1,
+        max_seq_len=inputs.max_seq_len,
+        num_context_seqs=0,
+        num_context_tokens=0,
+    )

@@ -47,3 +47,48 @@ def test_backend_names_are_checked():
         resolve_attention_backend("flash", torch.device("cpu"))
     assert resolve_attention_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_attention_backend("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_decode_batch_leaves_real_rows_and_the_pool_untouched(backend):
+    """The building block of CUDA-graph buckets: padding rows (slot -1) change neither the real
+    rows' logits nor any pool slot."""
+    from engine.model_engine import build_forward_batch, pad_decode_batch
+    from engine.scheduler import SchedulerOutput
+
+    llm = LLM(
+        "llama-tiny",
+        device=DEVICE,
+        dtype="float32",
+        attention_backend=backend,
+        kv_cache_manager=dict(tokens_per_block=4, num_blocks=32),
+    )
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    requests = llm.make_requests(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    executor = llm.executor
+    executor.enqueue_requests(requests)
+    while not all(r.is_generation for r in requests):
+        executor.step()
+    batch = SchedulerOutput(generation_requests=requests)
+    kv = llm.kv_cache_manager
+    kv.prepare_resources(batch)
+    inputs = build_forward_batch(batch, kv, torch.device(DEVICE))
+    model = llm.model_engine.model
+    pool_before = kv.kv_pool.clone()
+    expected = model.forward(inputs, kv.kv_pool)
+    pool_after_real = kv.kv_pool.clone()
+    kv.kv_pool.copy_(pool_before)
+    padded = model.forward(pad_decode_batch(inputs, 8), kv.kv_pool)
+    assert padded.shape[0] == 8
+    torch.testing.assert_close(padded[:2], expected, rtol=1e-5, atol=1e-5)
+    # Real rows wrote their slots (to float32 rounding: a batch of 8 may take other BLAS paths);
+    # every other slot is bit-identical, i.e. the padding rows wrote nothing.
+    layers, _, blocks, tpb = kv.kv_pool.shape[:4]
+    after = kv.kv_pool.reshape(layers, 2, blocks * tpb, -1)
+    reference = pool_after_real.reshape(layers, 2, blocks * tpb, -1)
+    real = torch.zeros(blocks * tpb, dtype=torch.bool, device=after.device)
+    real[inputs.slot_mapping] = True
+    torch.testing.assert_close(after[:, :, real], reference[:, :, real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[:, :, ~real], reference[:, :, ~real], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="down to"):
+        pad_decode_batch(inputs, 1)

@@ -25,9 +25,13 @@ def write_kv(
 
     key, value: [num_tokens, num_kv_heads, head_dim]; kv_pool_layer: [2, num_blocks,
     tokens_per_block, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64 flat slots.
-    Values are cast to the pool's dtype.
+    Values are cast to the pool's dtype. A negative slot (a padding row) is skipped, as in the
+    Triton kernel.
     """
     tokens_per_block = kv_pool_layer.shape[2]
+    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     blocks = slot_mapping // tokens_per_block
     offsets = slot_mapping % tokens_per_block
     # Index (block, offset) rather than a flattened view: works on a non-contiguous pool slice
