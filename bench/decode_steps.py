@@ -1,6 +1,9 @@
 """Decode step time against the memory floor, and where a step's time goes.
 
     PYTHONPATH=. python bench/decode_steps.py --out $OUT [--presets llama-8b,llama-1b]
+        [--enforce-eager]
+
+(``bench/peers.py`` prints the same table after its peer comparison.)
 
 For each batch size B, B requests with a 1,024-token context decode together; a step's floor is
 reading all weights plus the batch's KV once at the copy bandwidth measured in the same run.
@@ -11,7 +14,9 @@ Columns: median step time, floor, ratio, and the host time of the step spent in 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -46,10 +51,8 @@ def copy_bandwidth(device: str) -> float:
     return 2 * 2**30 / seconds
 
 
-def decode_table(
-    preset: str, batch_sizes: list[int], bandwidth: float, device: str, context: int
-) -> list[dict]:
-    llm = LLM(
+def build_llm(preset: str, device: str, context: int, enforce_eager: bool = False) -> LLM:
+    return LLM(
         preset,
         device=device,
         dtype="bfloat16" if device.startswith("cuda") else "float32",
@@ -59,10 +62,24 @@ def decode_table(
         ),
         kv_cache_manager=dict(
             tokens_per_block=32,
-            free_gpu_memory_fraction=0.85,
+            free_gpu_memory_fraction=0.9,
             max_tokens=None if device.startswith("cuda") else 256 * (context + 32),
         ),
+        enforce_eager=enforce_eager,
     )
+
+
+def decode_table(
+    llm: LLM,
+    preset: str,
+    batch_sizes: list[int],
+    bandwidth: float,
+    context: int,
+    profile_path: str | None = None,
+) -> list[dict]:
+    """Median decode step of each batch size on ``llm`` (its pool must hold
+    ``max(batch_sizes) * (context + 80)`` tokens)."""
+    device = str(llm.device)
     model = llm.model_engine.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
     kv_bytes_per_token = (
@@ -89,6 +106,11 @@ def decode_table(
             synchronize(device)
             seconds.append(time.perf_counter() - start)
         stats = executor.iteration_stats[-TIMED_STEPS:]
+        if profile_path and batch == max(batch_sizes):  # where the host time of a step goes
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [executor.step() for _ in range(5)])
+            with open(profile_path, "w") as f:
+                pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(25)
         assert all(s.num_generation_requests == batch for s in stats)
         executor.run()
         step = statistics.median(seconds)
@@ -98,6 +120,7 @@ def decode_table(
         rows.append(
             {
                 "preset": preset,
+                "graphs": llm.model_engine.graph_runner is not None,
                 "batch": batch,
                 "step_ms": round(step * 1e3, 2),
                 "floor_ms": round(floor * 1e3, 2),
@@ -108,9 +131,6 @@ def decode_table(
             }
         )
         print(rows[-1], flush=True)
-    del llm
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -121,6 +141,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,64,128,256")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--context", type=int, default=CONTEXT)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     args = parser.parse_args()
     bandwidth = copy_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -128,10 +149,18 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         batches = [int(b) for b in args.batches.split(",")]
-        rows += decode_table(preset, batches, bandwidth, args.device, args.context)
+        llm = build_llm(preset, args.device, args.context, args.enforce_eager)
+        rows += decode_table(llm, preset, batches, bandwidth, args.context)
+        del llm
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         Path(args.out, "decode_steps.json").write_text(
             json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1)
         )
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
     print("\npreset     batch  step ms  floor ms  ratio  sched ms  input ms  host share")
     for r in rows:
         print(

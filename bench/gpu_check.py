@@ -45,11 +45,14 @@ def check_tiny_exact(preset: str, attention_backend: str = "auto") -> dict:
         capacity_scheduler="max_utilization",
         microbatch_scheduler=dict(max_batch_size=4, max_num_tokens=16, chunking="equal_progress"),
         kv_cache_manager=dict(tokens_per_block=4, num_blocks=24, enable_block_reuse=True),
+        attention_backend=attention_backend,
+        enforce_eager=attention_backend == "torch",
     )
     outs = llm.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
     return {
         "preset": preset,
         "attention": llm.model_engine.model.attention_backend,
+        "graph_steps": llm.model_engine.num_graph_steps,
         "exact": sum(o.token_ids == e for o, e in zip(outs, expected, strict=True)),
         "of": len(prompts),
         "preemptions": sum(o.metrics.num_preemptions for o in outs),
@@ -76,6 +79,8 @@ def reference_workload(
             max_batch_size=256, max_num_tokens=8192, chunking="first_come_first_served"
         ),
         kv_cache_manager=dict(tokens_per_block=32, free_gpu_memory_fraction=kv_fraction),
+        attention_backend=attention_backend,
+        enforce_eager=attention_backend == "torch",
     )
     prompts = reference_prompts(llm.model_engine.vocab_size)
     params = SamplingParams(max_new_tokens=128, ignore_eos=True)
@@ -126,9 +131,8 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--presets", default="llama-1b,llama-8b")
     parser.add_argument("--capacities", default="guaranteed_no_evict,max_utilization")
-    # The torch reference attention pads each group to [max_q, max_k] and needs several GiB of
-    # workspace on long prefills: leave room for it (the Triton path will need far less).
-    parser.add_argument("--kv-fraction", type=float, default=0.6)
+    # Of the memory left after the weights and the profiled largest step.
+    parser.add_argument("--kv-fraction", type=float, default=0.9)
     parser.add_argument("--skip-tiny", action="store_true")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     args = parser.parse_args()
@@ -145,7 +149,7 @@ def main() -> None:
     ):
         log["tiny"].append(check_tiny_exact(preset, args.attention_backend))
         print(log["tiny"][-1], flush=True)
-    for preset in args.presets.split(","):
+    for preset in filter(None, args.presets.split(",")):
         for capacity in args.capacities.split(","):
             log["reference"].append(
                 reference_workload(preset, capacity, args.kv_fraction, args.attention_backend)
@@ -158,7 +162,7 @@ def main() -> None:
             f"{row['preset']:13s} {row['attention']:6s} exact {row['exact']}/{row['of']}  "
             f"preemptions {row['preemptions']}  cached tokens {row['cached_tokens']}"
         )
-    print("\n== reference workload (256 req, 128 out), bf16, eager (no CUDA graphs) ==")
+    print("\n== reference workload (256 req, 128 out), bf16 ==")
     for row in log["reference"]:
         print(
             f"{row['preset']:9s} {row['capacity']:20s} {row['attention']:6s} "

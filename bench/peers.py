@@ -12,7 +12,10 @@ output tokens each with EOS ignored, all arriving at t=0. Measured side by side:
   hf_continuous  transformers generate_batch() (continuous batching), defaults
   floor          prefill FLOPs at the matmul rate + each decode step reading all weights and
                  the batch's KV at the copy bandwidth, both measured in this run
-Prints seconds, output tokens/s, our speed-up over each peer and the floor's fraction.
+Prints seconds, output tokens/s, our speed-up over each peer and the floor's fraction, the GPU
+memory beyond weights and KV pool, then the decode-step table of ``bench/decode_steps.py``
+(batch 1 .. 256 at context 1,024 against the memory floor, with the host's share) measured on
+the same engine.
 """
 
 from __future__ import annotations
@@ -20,12 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
 
+import kernels
 from engine import LLM, SamplingParams
+
+try:  # run as a script (bench/ on sys.path) or as bench.peers
+    from decode_steps import decode_table, print_table
+except ImportError:
+    from bench.decode_steps import decode_table, print_table
 
 
 def synchronize(device: str) -> None:
@@ -118,9 +128,13 @@ def hf_continuous(hf_model, prompts, output_len: int) -> list[list[int]]:
     return [by_id[i] for i in range(len(prompts))]
 
 
-def run_preset(preset: str, args, bandwidth: float, flops: float) -> dict:
+def run_preset(preset: str, args, bandwidth: float, flops: float) -> tuple[dict, list[dict]]:
+    """The peer row of ``preset`` and its decode-step rows."""
     device = args.device
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    is_cuda = device.startswith("cuda")
+    dtype = "bfloat16" if is_cuda else "float32"
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats()
     llm = LLM(
         preset,
         device=device,
@@ -130,38 +144,124 @@ def run_preset(preset: str, args, bandwidth: float, flops: float) -> dict:
         ),
         kv_cache_manager=dict(
             tokens_per_block=32,
-            free_gpu_memory_fraction=0.6,
-            max_tokens=None if device.startswith("cuda") else 65536,
+            free_gpu_memory_fraction=args.kv_fraction,
+            max_tokens=None if is_cuda else 65536,
         ),
+        enforce_eager=args.enforce_eager,
     )
+    if is_cuda:  # the run's own peak, past start-up (profile run, graphs)
+        torch.cuda.reset_peak_memory_stats()
     hf_model = llm.model_engine.model.hf_model
     low, high = (int(v) for v in args.prompt_range.split(","))
     prompts = reference_prompts(llm.model_engine.vocab_size, args.num_requests, low, high)
     params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
     seconds = {}
-    seconds["ours"], ours = timed(device, lambda: llm.generate(prompts, params))
+    compiled_before = kernels.compiled_variants()
+    keys_before = compiled_keys()
+    first_step = len(llm.executor.iteration_stats)
+    seconds["ours"], ours = timed(device, partial(llm.generate, prompts, params))
     ours = [o.token_ids for o in ours]
-    seconds["hf_static"], static = timed(
-        device, lambda: hf_static(hf_model, prompts, args.output_len, 64)
-    )
-    seconds["hf_continuous"], continuous = timed(
-        device, lambda: hf_continuous(hf_model, prompts, args.output_len)
-    )
+    breakdown = step_breakdown(llm.executor.iteration_stats[first_step:])
+    breakdown["kernels_compiled_in_run"] = {
+        name: n - compiled_before.get(name, 0)
+        for name, n in kernels.compiled_variants().items()
+        if n != compiled_before.get(name, 0)
+    }
+    new_keys = compiled_keys() - keys_before
+    if new_keys:  # which specialisation a run met that start-up did not compile
+        breakdown["new_variant_keys"] = sorted(new_keys)
+    if args.repeat:  # the same workload again: no compilation left, warm allocator
+        first_step = len(llm.executor.iteration_stats)
+        seconds["ours_again"], _ = timed(device, partial(llm.generate, prompts, params))
+        breakdown["again"] = step_breakdown(llm.executor.iteration_stats[first_step:])
+    memory = extra_memory(llm) if is_cuda else {}
+    decode_rows = []
+    if args.decode_batches:
+        batches = [int(b) for b in args.decode_batches.split(",")]
+        profile = str(Path(args.out, f"host_profile_{preset}.txt"))
+        decode_rows = decode_table(llm, preset, batches, bandwidth, args.context, profile)
+    # Give the KV pool and the graphs' memory back before transformers allocates its caches.
+    llm.model_engine.graph_runner = None
+    llm.kv_cache_manager.kv_pool = None
+    if is_cuda:
+        torch.cuda.empty_cache()
+    theirs = {}
+    for peer in filter(None, args.peers.split(",")):
+        if peer == "hf_static":
+            run = partial(hf_static, hf_model, prompts, args.output_len, 64)
+        elif peer == "hf_continuous":
+            run = partial(hf_continuous, hf_model, prompts, args.output_len)
+        else:
+            raise SystemExit(f"unknown peer {peer!r}: hf_static, hf_continuous")
+        seconds[peer], theirs[peer] = timed(device, run)
     floor = roofline(hf_model, prompts, args.output_len, bandwidth, flops)
     num_out = args.num_requests * args.output_len
-    return {
+    row = {
         "preset": preset,
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "device": torch.cuda.get_device_name() if is_cuda else "cpu",
+        "cuda_graphs": not args.enforce_eager and is_cuda,
         "prompt_tokens": sum(map(len, prompts)),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "output_tok_s": {k: round(num_out / v, 1) for k, v in seconds.items()},
         "speedup": {k: round(v / seconds["ours"], 2) for k, v in seconds.items() if k != "ours"},
         "floor_s": round(floor, 3),
         "fraction_of_floor": round(floor / seconds["ours"], 3),
+        "memory_gib": memory,
+        "start_up_memory_gib": getattr(llm, "memory_profile", {}),
+        "steps": breakdown,
         # Greedy paths of different kernels diverge after near-ties in 16-bit; count agreement.
-        "same_tokens_as_static": sum(a == b for a, b in zip(ours, static, strict=True)),
-        "same_tokens_as_continuous": sum(a == b for a, b in zip(ours, continuous, strict=True)),
+        "same_tokens_as": {
+            k: sum(a == b for a, b in zip(ours, v, strict=True)) for k, v in theirs.items()
+        },
+    }
+    return row, decode_rows
+
+
+def step_breakdown(stats) -> dict:
+    """Where the run's time went: steps with context tokens (eager) vs decode-only steps."""
+    context = [s for s in stats if s.num_context_tokens]
+    decode = [s for s in stats if not s.num_context_tokens]
+    return {
+        "num_steps": len(stats),
+        "num_context_steps": len(context),
+        "context_steps_s": round(sum(s.step_latency for s in context), 3),
+        "decode_steps_s": round(sum(s.step_latency for s in decode), 3),
+        "scheduling_s": round(sum(s.scheduling_time for s in stats), 3),
+        "input_prep_s": round(sum(s.input_prep_time for s in stats), 3),
+    }
+
+
+def compiled_keys() -> set[str]:
+    return {
+        f"{fn.__name__} {key}"
+        for fn in kernels.JIT_FUNCTIONS
+        for cache in getattr(fn, "device_caches", {}).values()
+        for key in (cache[0] if isinstance(cache, tuple) else cache)
+    }
+
+
+def extra_memory(llm: LLM) -> dict:
+    """GPU memory beyond the weights and the KV pool, in GiB: the allocator's peak (activations,
+    logits, graph pools, workspaces) and the device's current use (adds the CUDA context and
+    library handles, which the allocator does not see)."""
+    model = llm.model_engine.model
+    weights = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
+    pool = llm.kv_cache_manager.kv_pool
+    pool_bytes = pool.numel() * pool.element_size()
+    free, total = torch.cuda.mem_get_info(llm.device)
+    gib = 2**30
+    return {
+        "weights": round(weights / gib, 2),
+        "kv_pool": round(pool_bytes / gib, 2),
+        "peak_allocated_beyond": round(
+            (torch.cuda.max_memory_allocated() - weights - pool_bytes) / gib, 2
+        ),
+        "peak_reserved_beyond": round(
+            (torch.cuda.max_memory_reserved() - weights - pool_bytes) / gib, 2
+        ),
+        "device_used_beyond": round((total - free - weights - pool_bytes) / gib, 2),
+        "device_total": round(total / gib, 2),
     }
 
 
@@ -173,22 +273,38 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--prompt-range", default="128,1024")
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--kv-fraction", type=float, default=0.9)
+    parser.add_argument("--repeat", action="store_true", help="time our run a second time")
+    parser.add_argument("--peers", default="hf_static,hf_continuous", help="'' for none")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--decode-batches", default="1,8,32,64,128,256", help="'' to skip")
+    parser.add_argument("--context", type=int, default=1024, help="decode-step context")
     args = parser.parse_args()
     bandwidth, flops = machine_rates(args.device)
     print(f"copy {bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
-    rows = []
+    rows, decode_rows = [], []
     for preset in args.presets.split(","):
-        rows.append(run_preset(preset, args, bandwidth, flops))
-        print(rows[-1], flush=True)
-        Path(args.out, "peers.json").write_text(json.dumps(rows, indent=1))
-    print("\npreset     ours s  hf_static s  hf_cont s  floor s  x static  x cont  of floor")
+        row, decodes = run_preset(preset, args, bandwidth, flops)
+        rows.append(row)
+        decode_rows += decodes
+        print(row, flush=True)
+        result = {"bandwidth": bandwidth, "flops": flops, "peers": rows, "decode": decode_rows}
+        Path(args.out, "peers.json").write_text(json.dumps(result, indent=1))
+    peers = [p for p in ("hf_static", "hf_continuous") if p in rows[0]["seconds"]]
+    print("\npreset     ours s  " + "".join(f"{p + ' s':>16s}" for p in peers), end="")
+    print("  floor s  " + "".join(f"{'x ' + p:>16s}" for p in peers) + "  of floor  extra GiB")
     for r in rows:
         s = r["seconds"]
         print(
-            f"{r['preset']:9s} {s['ours']:7.2f} {s['hf_static']:12.2f} {s['hf_continuous']:10.2f} "
-            f"{r['floor_s']:8.2f} {r['speedup']['hf_static']:8.1f} "
-            f"{r['speedup']['hf_continuous']:7.1f} {r['fraction_of_floor']:9.1%}"
+            f"{r['preset']:9s} {s['ours']:7.2f}  "
+            + "".join(f"{s[p]:16.2f}" for p in peers)
+            + f"  {r['floor_s']:7.2f}  "
+            + "".join(f"{r['speedup'][p]:16.1f}" for p in peers)
+            + f"  {r['fraction_of_floor']:8.1%}"
+            + f"  {r['memory_gib'].get('peak_reserved_beyond', float('nan')):9.2f}"
         )
+    if decode_rows:
+        print_table(decode_rows)
 
 
 if __name__ == "__main__":

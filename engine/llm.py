@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from engine.clock import Clock, WallClock
+from engine.cuda_graphs import DecodeGraphRunner, default_cuda_graph_batch_sizes
 from engine.decoder import Decoder
 from engine.executor import PyExecutor
 from engine.model_engine import TorchModelEngine
@@ -108,6 +109,10 @@ class LLM:
     a registered name, a dict of constructor arguments (optionally with ``name`` or
     ``_target_``), or an instance (see ``policies.registry``). ``attention_backend``: ``auto``
     (Triton kernels on CUDA, the torch reference on CPU), ``torch`` or ``triton``.
+
+    On CUDA, decode-only steps replay CUDA graphs captured at start-up for the bucket sizes
+    ``cuda_graph_batch_sizes`` (default: ``default_cuda_graph_batch_sizes(max_batch_size)``);
+    ``enforce_eager=True`` (vLLM's name) runs every step eagerly. CPU runs are always eager.
     """
 
     def __init__(
@@ -122,6 +127,8 @@ class LLM:
         seed: int = 0,
         clock: Clock | None = None,
         attention_backend: str = "auto",
+        enforce_eager: bool = False,
+        cuda_graph_batch_sizes: Sequence[int] | None = None,
     ):
         from engine.models import PagedCausalLM, load_model
 
@@ -140,10 +147,34 @@ class LLM:
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         paged = PagedCausalLM(loaded.hf_model, attention_backend=attention_backend)
+        # GPU memory (GiB, allocated / reserved by torch) after each start-up phase.
+        self.memory_profile: dict[str, tuple[float, float]] = {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # drop weight-init and fusion transients before sizing
+        self._memory_checkpoint("weights")
+        # The largest step first (max_num_tokens), so its activations are already reserved
+        # when the KV pool is sized from the free memory that is left: no out-of-memory error
+        # in the run. Without a token budget there is no largest step to profile.
+        self.activation_peak_bytes = 0
+        max_num_tokens = getattr(self.microbatch_scheduler, "max_num_tokens", None)
+        if self.device.type == "cuda" and max_num_tokens:
+            self.activation_peak_bytes = paged.profile_run(
+                max_num_tokens,
+                getattr(self.microbatch_scheduler, "max_batch_size", 1),
+                self.kv_cache_manager.tokens_per_block,
+            )
+        self._memory_checkpoint("profile_run")
         self.kv_cache_manager.allocate_pool(
             paged.num_layers, paged.num_kv_heads, paged.head_dim, self.dtype, self.device
         )
-        self.model_engine = TorchModelEngine(paged, self.device)
+        self._memory_checkpoint("kv_pool")
+        paged.compile_kernels(self.kv_cache_manager.kv_pool)
+        self.model_engine = TorchModelEngine(
+            paged,
+            self.device,
+            graph_runner=self._graph_runner(paged, enforce_eager, cuda_graph_batch_sizes),
+        )
+        self._memory_checkpoint("cuda_graphs")
         self.executor = PyExecutor(
             self.model_engine,
             Decoder(seed),
@@ -153,6 +184,37 @@ class LLM:
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
         )
         self._next_request_id = 0
+
+    def _memory_checkpoint(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            gib = 2**30
+            self.memory_profile[phase] = (
+                round(torch.cuda.memory_allocated(self.device) / gib, 3),
+                round(torch.cuda.memory_reserved(self.device) / gib, 3),
+            )
+
+    def _graph_runner(
+        self, paged, enforce_eager: bool, batch_sizes: Sequence[int] | None
+    ) -> DecodeGraphRunner | None:
+        if enforce_eager or self.device.type != "cuda":
+            return None
+        if paged.attention_backend != "triton":
+            raise ValueError(
+                f"attention_backend={paged.attention_backend!r} cannot run in CUDA graphs (the "
+                "torch reference reads sequence lengths on the host): use the triton backend, "
+                "or enforce_eager=True"
+            )
+        kv = self.kv_cache_manager
+        max_tokens = min(paged.max_seq_len, kv.num_blocks * kv.tokens_per_block)
+        return DecodeGraphRunner(
+            paged,
+            kv.kv_pool,
+            batch_sizes
+            or default_cuda_graph_batch_sizes(
+                getattr(self.microbatch_scheduler, "max_batch_size", 256)
+            ),
+            max_blocks_per_seq=-(-max_tokens // kv.tokens_per_block),
+        )
 
     def make_requests(
         self,

@@ -70,14 +70,76 @@ class ModelEngine(ABC):
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor: ...
 
 
-def build_forward_batch(
-    batch: SchedulerOutput, kv_cache_manager: KVCacheManager, device: torch.device
-) -> ForwardBatch:
-    """Flatten ``batch`` (contexts first, then generations) into a ``ForwardBatch``.
+@dataclass
+class HostBatch:
+    """A step's flattened inputs as host lists (contexts first, then generations): what
+    ``ForwardBatch`` holds, before it is sent to the device. The CUDA-graph runner pads these
+    lists to a bucket size instead of padding device tensors."""
 
-    Built in plain lists and sent to the device as one int64 tensor in one copy: at 256 decoding
-    requests this runs every step, so it avoids per-request tensors and never copies a whole
-    token history (a generation step needs only its last token).
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    logits_indices: list[int]
+    block_rows: list[list[int]]
+    num_context_seqs: int
+    num_context_tokens: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_context_seqs == 0 and self.num_tokens == self.num_seqs
+
+    @property
+    def max_blocks(self) -> int:
+        return max(max((len(row) for row in self.block_rows), default=0), 1)
+
+    def to_device(self, staging: StagingBuffer) -> ForwardBatch:
+        """One int64 host buffer, one copy to the device, split into views."""
+        num_tokens, num_seqs, width = self.num_tokens, self.num_seqs, self.max_blocks
+        table = [b for row in self.block_rows for b in (*row, *([0] * (width - len(row))))]
+        #   flat = input_ids | positions | slots | query_start_loc | seq_lens | logits | table
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs]
+        sizes += [len(self.logits_indices), len(table)]
+        flat = staging.send(
+            self.input_ids
+            + self.positions
+            + self.slot_mapping
+            + self.query_start_loc
+            + self.seq_lens
+            + self.logits_indices
+            + table
+        )
+        parts = torch.split(flat, sizes)
+        starts = self.query_start_loc
+        return ForwardBatch(
+            input_ids=parts[0],
+            positions=parts[1],
+            slot_mapping=parts[2],
+            query_start_loc=parts[3],
+            seq_lens=parts[4],
+            block_tables=parts[6].view(num_seqs, width),
+            logits_indices=parts[5],
+            max_query_len=max((starts[i + 1] - starts[i] for i in range(num_seqs)), default=0),
+            max_seq_len=max(self.seq_lens, default=0),
+            num_context_seqs=self.num_context_seqs,
+            num_context_tokens=self.num_context_tokens,
+        )
+
+
+def flatten_batch(batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> HostBatch:
+    """Flatten ``batch`` (contexts first, then generations) into host lists.
+
+    Plain lists, no per-request tensors: at 256 decoding requests this runs every step, and it
+    never copies a whole token history (a generation step needs only its last token).
     """
     tpb = kv_cache_manager.tokens_per_block
     input_ids: list[int] = []
@@ -102,92 +164,106 @@ def build_forward_batch(
         block_rows.append(block_ids)
         if request.is_last_context_chunk:
             logits_indices.append(len(input_ids) - 1)
-    for request in batch.generation_requests:
-        position = request.num_tokens - 1  # the last sampled token, not yet in the cache
-        block_ids = kv_cache_manager.get_block_ids(request)
-        input_ids.append(request.output_token_ids[-1])
-        positions.append(position)
-        slots.append(block_ids[position // tpb] * tpb + position % tpb)
-        logits_indices.append(len(input_ids) - 1)
-        query_start_loc.append(len(input_ids))
-        seq_lens.append(position + 1)
-        block_rows.append(block_ids)
-
-    num_tokens, num_seqs = len(input_ids), len(seq_lens)
-    max_blocks = max(max((len(row) for row in block_rows), default=0), 1)
-    table = [b for row in block_rows for b in (*row, *([0] * (max_blocks - len(row))))]
-    #   flat = input_ids | positions | slots | query_start_loc | seq_lens | logits | table
-    sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_indices)]
-    flat = torch.tensor(
-        input_ids + positions + slots + query_start_loc + seq_lens + logits_indices + table,
-        dtype=torch.int64,
-    ).to(device)
-    parts = torch.split(flat, [*sizes, len(table)])
-    q_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(num_seqs)]
-    return ForwardBatch(
-        input_ids=parts[0],
-        positions=parts[1],
-        slot_mapping=parts[2],
-        query_start_loc=parts[3],
-        seq_lens=parts[4],
-        block_tables=parts[6].view(num_seqs, max_blocks),
-        logits_indices=parts[5],
-        max_query_len=max(q_lens, default=0),
-        max_seq_len=max(seq_lens, default=0),
+    # Generations: one token each, built field by field (comprehensions: this loop runs over
+    # every decoding request every step).
+    generations = batch.generation_requests
+    if generations:
+        first = len(input_ids)
+        gen_positions = [r.num_tokens - 1 for r in generations]  # last sampled, not yet cached
+        gen_rows = [kv_cache_manager.get_block_ids(r) for r in generations]
+        input_ids += [r.output_token_ids[-1] for r in generations]
+        positions += gen_positions
+        slots += [
+            row[p // tpb] * tpb + p % tpb for row, p in zip(gen_rows, gen_positions, strict=True)
+        ]
+        indices = range(first, first + len(generations))
+        logits_indices += indices
+        query_start_loc += range(first + 1, first + len(generations) + 1)
+        seq_lens += [p + 1 for p in gen_positions]
+        block_rows += gen_rows
+    return HostBatch(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slots,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        logits_indices=logits_indices,
+        block_rows=block_rows,
         num_context_seqs=len(batch.context_requests),
         num_context_tokens=batch.num_context_tokens,
     )
 
 
-class TorchModelEngine(ModelEngine):
-    """The real model: a paged forward (``engine.models.PagedCausalLM``) on cpu or cuda."""
+def build_forward_batch(
+    batch: SchedulerOutput, kv_cache_manager: KVCacheManager, device: torch.device
+) -> ForwardBatch:
+    """``flatten_batch`` then ``HostBatch.to_device``: the eager path's inputs."""
+    return flatten_batch(batch, kv_cache_manager).to_device(StagingBuffer(device))
 
-    def __init__(self, model, device: torch.device):
+
+class StagingBuffer:
+    """Host int lists -> a device int64 tensor, without synchronising the host.
+
+    On CUDA the values go through a pinned host buffer and an asynchronous copy (a copy from
+    pageable memory would block until the GPU is idle). The buffer is rewritten only after the
+    event recorded behind its last copy has passed, so a queued copy never reads new values.
+    On CPU ``send`` just builds the tensor.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 1 << 16):
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self._event = torch.cuda.Event() if self.is_cuda else None
+        self._host = torch.empty(0, dtype=torch.int64)
+        if self.is_cuda:
+            self._grow(capacity)
+
+    def send(self, values: list[int]) -> torch.Tensor:
+        if not self.is_cuda:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+        size = len(values)
+        self._event.synchronize()  # the previous copy out of the buffer has run
+        if size > self._host.numel():
+            self._grow(2 * size)
+        self._host_np[:size] = values
+        out = torch.empty(size, dtype=torch.int64, device=self.device)
+        out.copy_(self._host[:size], non_blocking=True)
+        self._event.record()
+        return out
+
+    def _grow(self, capacity: int) -> None:
+        self._host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+        self._host_np = self._host.numpy()
+
+
+class TorchModelEngine(ModelEngine):
+    """The real model: a paged forward (``engine.models.PagedCausalLM``) on cpu or cuda.
+
+    With a ``graph_runner`` (``engine.cuda_graphs.DecodeGraphRunner``), decode-only steps that
+    fit one of its buckets replay a captured CUDA graph; every other step runs eagerly.
+    """
+
+    def __init__(self, model, device: torch.device, graph_runner=None):
         self.model = model  # PagedCausalLM
         self.device = device
         self.max_seq_len = model.max_seq_len
         self.vocab_size = model.vocab_size
+        self.graph_runner = graph_runner
+        self._staging = StagingBuffer(device)
+        self.num_graph_steps = 0  # decode steps served by a graph (for tests and reports)
 
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor:
-        if kv_cache_manager.kv_pool is None:
+        kv_pool = kv_cache_manager.kv_pool
+        if kv_pool is None:
             raise RuntimeError("the KV cache manager has no pool: call allocate_pool first")
         start = time.perf_counter()
-        inputs = build_forward_batch(batch, kv_cache_manager, self.device)
+        host = flatten_batch(batch, kv_cache_manager)
+        runner = self.graph_runner
+        if runner is not None and runner.can_run(host):
+            bucket = runner.load(host)
+            self.last_input_prep_time = time.perf_counter() - start
+            self.num_graph_steps += 1
+            return runner.replay(bucket, kv_pool)[: host.num_seqs]
+        inputs = host.to_device(self._staging)
         self.last_input_prep_time = time.perf_counter() - start
-        return self.model.forward(inputs, kv_cache_manager.kv_pool)
-
-
-def pad_decode_batch(inputs: ForwardBatch, num_seqs: int) -> ForwardBatch:
-    """A decode-only batch padded to ``num_seqs`` sequences (a CUDA-graph bucket size).
-
-    Padding rows carry token 0 at position 0 with slot -1 (the KV write skips it) and a
-    one-token sequence in block 0; their attention output and logits are garbage and must be
-    dropped (the first ``inputs.num_seqs`` logits rows are the real ones). Real rows compute
-    exactly what they compute unpadded.
-    """
-    real = inputs.num_seqs
-    if inputs.num_context_seqs or inputs.num_tokens != real:
-        raise ValueError("pad_decode_batch takes a decode-only batch (one token a sequence)")
-    if num_seqs < real:
-        raise ValueError(f"cannot pad {real} sequences down to {num_seqs}")
-    extra = num_seqs - real
-
-    def grow(tensor: torch.Tensor, fill: int) -> torch.Tensor:
-        pad = tensor.new_full((extra, *tensor.shape[1:]), fill)
-        return torch.cat([tensor, pad])
-
-    return ForwardBatch(
-        input_ids=grow(inputs.input_ids, 0),
-        positions=grow(inputs.positions, 0),
-        slot_mapping=grow(inputs.slot_mapping, -1),
-        query_start_loc=torch.arange(
-            num_seqs + 1, dtype=torch.int64, device=inputs.seq_lens.device
-        ),
-        seq_lens=grow(inputs.seq_lens, 1),
-        block_tables=grow(inputs.block_tables, 0),
-        logits_indices=torch.arange(num_seqs, dtype=torch.int64, device=inputs.seq_lens.device),
-        max_query_len=1,
-        max_seq_len=inputs.max_seq_len,
-        num_context_seqs=0,
-        num_context_tokens=0,
-    )
+        return self.model.forward(inputs, kv_pool)

@@ -100,8 +100,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(
-            f"no value for {', '.join(missing)}: give it on the command line, e.g. "
-            f"{missing[0]}=..."
+            f"no value for {', '.join(missing)}: give it on the command line, e.g. {missing[0]}=..."
         )
     device = resolve_device(resolve_device_name(cfg.executor.device))
     parts = build_parts(cfg)
@@ -122,6 +121,8 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
         dtype=cfg.executor.dtype.value,
         seed=cfg.seed,
         attention_backend=cfg.executor.attention_backend.value,
+        enforce_eager=cfg.executor.enforce_eager,
+        cuda_graph_batch_sizes=cfg.executor.cuda_graph_batch_sizes,
         **parts,
     )
     if cfg.executor.warmup:

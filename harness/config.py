@@ -50,6 +50,9 @@ class ExecutorConfig:
     engine: EngineKind = EngineKind.torch
     attention_backend: AttentionBackend = AttentionBackend.auto
     warmup: bool = True  # a few short requests before the replay (CUDA init, allocator)
+    # CUDA graphs for decode-only steps (CUDA only; vLLM's enforce_eager turns them off).
+    enforce_eager: bool = False
+    cuda_graph_batch_sizes: list[int] | None = None  # null: 1, 2, 4, ..., max_batch_size
 
 
 @dataclass

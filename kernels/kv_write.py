@@ -18,7 +18,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The slot mapping is a view into the step's flat metadata buffer (its offset moves with the
+# batch): no specialisation on its alignment, or a run would compile new variants.
+@triton.jit(
+    do_not_specialize_on_alignment=["slot_ptr"], do_not_specialize=["stride_k_t", "stride_v_t"]
+)
 def _kv_write_kernel(
     key_ptr,
     value_ptr,

@@ -39,10 +39,16 @@ _MIN_DOT = 16
 # Upper bound on the broadcast product [GROUP_PAD, BLOCK_N, HEAD_DIM_PAD] of the tl.sum path,
 # in elements: keeps it in registers on a GPU.
 _MAX_BROADCAST = 8192
-_MAX_SPLITS = 16
+MAX_SPLITS = 16
 
 
-@triton.jit
+# The block table's row stride (its width) and the offset of a decode slice of a mixed batch
+# change from step to step; specialising on them (divisibility by 16) would compile new variants
+# in the middle of a run.
+@triton.jit(
+    do_not_specialize=["stride_bt_s"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr"],
+)
 def _paged_decode_kernel(
     q_ptr,
     kv_ptr,
@@ -258,7 +264,7 @@ def _default_num_splits(
     splits = min(triton.cdiv(target, num_programs), triton.cdiv(max_positions, 4 * block_n))
     # Round down to a power of two: NUM_SPLITS is a constexpr, so this bounds the number of
     # compiled variants.
-    return min(_MAX_SPLITS, 1 << (max(1, splits).bit_length() - 1))
+    return min(MAX_SPLITS, 1 << (max(1, splits).bit_length() - 1))
 
 
 def paged_decode_attention(

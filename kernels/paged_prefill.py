@@ -20,9 +20,29 @@ the tile instead of one::
 
 Each program streams key tiles of BLOCK_N positions, gathering each key through the block table
 (block = table[pos // TOKENS_PER_BLOCK], offset = pos % TOKENS_PER_BLOCK, so BLOCK_N need not
-match the pool's block size), with an online softmax in fp32. The loop stops after the last key
-the tile's last query can see (causal) and, with a window, starts at the first key its first
-query can still see.
+match the pool's block size), with an online softmax in fp32. Key tiles are aligned to multiples
+of BLOCK_N (N below) and come in two kinds, as in flash-attention's Triton tutorial. The rows of
+an M tile sit at positions first_pos .. last_pos (of its first and last token; rows past the
+chunk count as its last token), so with a sliding window W::
+
+    key position:  0       N       2N      3N      4N      5N      6N      7N      8N
+    key tiles:     [ skip ][ mask ][ mask ][ full ][ full ][ full ][ mask ][ mask ]
+                              ^        ^                             ^         ^
+                              lo       full_lo                       full_hi   hi
+                           |<- phase 2 -->|<------- phase 1 ------>|<-- phase 2 -->|
+                             window edge          fully visible          diagonal
+
+    lo      = first_pos - W + 1   first key any row sees      (at least 0; 0 without a window)
+    full_lo = last_pos - W + 1    first key every row sees    (at least 0; 0 without a window)
+    full_hi = first_pos + 1       one past the last key every row sees
+    hi      = last_pos + 1        one past the last key any row sees (<= seq_len)
+
+Phase 1 tiles lie wholly inside [full_lo, full_hi): at or below every row's position, inside
+every row's window and inside the sequence, so they run with no score mask and no load masks;
+they are most of the work of a long chunk or of a chunk after a long prefix. Phase 2 tiles (the
+window edge, the causal diagonal, the end of the sequence) mask scores and never load keys past
+hi. Tiles wholly below lo ("skip") are not visited. Without a window, lo = full_lo = 0 and there
+is no window-edge phase.
 """
 
 from __future__ import annotations
@@ -43,7 +63,7 @@ def _attend_key_tile(
     l_i,  # [BLOCK_M] fp32 running denominator
     m_i,  # [BLOCK_M] fp32 running max (log2 domain)
     start_n,  # first key position of this tile
-    hi,  # one past the last key position the tile may see
+    hi,  # one past the last key position the tile may see (read only when MASKED)
     k_base,
     v_base,
     table_row,  # this sequence's block table row
@@ -56,44 +76,104 @@ def _attend_key_tile(
     offs_d,
     TOKENS_PER_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # False only for tiles that every row of the tile fully sees
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of one tile with keys start_n .. start_n + BLOCK_N - 1."""
     key_pos = start_n + tl.arange(0, BLOCK_N)
-    key_valid = key_pos < hi
     # Gather: each key position finds its own block, so a tile may span several blocks
-    # (TOKENS_PER_BLOCK < BLOCK_N) or part of one. Out-of-range positions are never loaded:
-    # their table column may not exist and their slots may hold garbage (even NaN).
-    block = tl.load(
-        table_row + (key_pos // TOKENS_PER_BLOCK) * stride_btb, mask=key_valid, other=0
-    ).to(tl.int64)
+    # (TOKENS_PER_BLOCK < BLOCK_N) or part of one.
+    table_ptrs = table_row + (key_pos // TOKENS_PER_BLOCK) * stride_btb
+    if MASKED:
+        # Positions past hi are never loaded: their table column may not exist and their slots
+        # may hold garbage (even NaN).
+        key_valid = key_pos < hi
+        block = tl.load(table_ptrs, mask=key_valid, other=0).to(tl.int64)
+    else:
+        # Every position is < seq_len: its table column and its slot are real.
+        block = tl.load(table_ptrs).to(tl.int64)
     slot = block * stride_kb + (key_pos % TOKENS_PER_BLOCK) * stride_ko
     # K is loaded already transposed, [HEAD_DIM, BLOCK_N], ready for Q @ K^T.
-    k = tl.load(
-        k_base + slot[None, :] + offs_d[:, None] * stride_kd, mask=key_valid[None, :], other=0.0
-    )
-    qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+    k_ptrs = k_base + slot[None, :] + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + slot[:, None] + offs_d[None, :] * stride_kd
+    k = tl.load(k_ptrs, mask=key_valid[None, :], other=0.0) if MASKED else tl.load(k_ptrs)
+    # Raw scores; the scale is applied inside the exponent (one FMA per score).
+    qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)
+    if MASKED:
+        visible = (key_pos[None, :] <= q_pos[:, None]) & key_valid[None, :]
+        if HAS_WINDOW:
+            visible = visible & (key_pos[None, :] > q_pos[:, None] - sliding_window)
+        qk = tl.where(visible, qk, float("-inf"))  # -inf * qk_scale stays -inf (scale > 0)
 
-    visible = (key_pos[None, :] <= q_pos[:, None]) & key_valid[None, :]
-    if HAS_WINDOW:
-        visible = visible & (key_pos[None, :] > q_pos[:, None] - sliding_window)
-    qk = tl.where(visible, qk, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
 
-    v = tl.load(
-        v_base + slot[:, None] + offs_d[None, :] * stride_kd, mask=key_valid[:, None], other=0.0
-    )
+    v = tl.load(v_ptrs, mask=key_valid[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
+def _attend_key_tiles(
+    q,
+    q_pos,
+    acc,
+    l_i,
+    m_i,
+    tile_lo,  # first key tile (keys tile_lo * BLOCK_N ..)
+    tile_hi,  # one past the last key tile
+    hi,  # one past the last key position the tile may see (read only when MASKED)
+    k_base,
+    v_base,
+    table_row,
+    qk_scale,
+    sliding_window,
+    stride_kb,
+    stride_ko,
+    stride_kd,
+    stride_btb,
+    offs_d,
+    TOKENS_PER_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """``_attend_key_tile`` over key tiles tile_lo .. tile_hi - 1 (none if tile_hi <= tile_lo)."""
+    if INTERPRET:
+        # The interpreter turns runtime range() bounds into Python ints through a numpy
+        # conversion that numpy >= 2.4 rejects (1-element arrays are not scalars); a while loop
+        # only needs bool(). Compiled, the for loop is kept: Triton software-pipelines it.
+        start_n = tile_lo * BLOCK_N
+        while start_n < tile_hi * BLOCK_N:
+            acc, l_i, m_i = _attend_key_tile(
+                q, q_pos, acc, l_i, m_i, start_n, hi, k_base, v_base, table_row, qk_scale,
+                sliding_window, stride_kb, stride_ko, stride_kd, stride_btb, offs_d,
+                TOKENS_PER_BLOCK, BLOCK_N, MASKED, HAS_WINDOW, DOT_PRECISION,
+            )  # fmt: skip
+            start_n += BLOCK_N
+    else:
+        for start_n in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
+            acc, l_i, m_i = _attend_key_tile(
+                q, q_pos, acc, l_i, m_i, start_n, hi, k_base, v_base, table_row, qk_scale,
+                sliding_window, stride_kb, stride_ko, stride_kd, stride_btb, offs_d,
+                TOKENS_PER_BLOCK, BLOCK_N, MASKED, HAS_WINDOW, DOT_PRECISION,
+            )  # fmt: skip
+    return acc, l_i, m_i
+
+
+# The metadata tensors are views into one flat per-step buffer, at offsets that move with the
+# batch's token and sequence counts, and the block table's row stride is its width: specialising
+# on their alignment or divisibility would compile new variants in the middle of a run.
+@triton.jit(
+    do_not_specialize=["stride_bts"],
+    do_not_specialize_on_alignment=["QUERY_START_LOC", "SEQ_LENS", "BLOCK_TABLES"],
+)
 def _paged_prefill_kernel(
     Q,  # [num_tokens, num_heads, HEAD_DIM]
     KV,  # [2, num_blocks, TOKENS_PER_BLOCK, num_kv_heads, HEAD_DIM]
@@ -129,9 +209,10 @@ def _paged_prefill_kernel(
     tile_m = tl.program_id(1)
     kv_head = tl.program_id(2)
 
-    q_start = tl.load(QUERY_START_LOC + seq)
-    q_len = tl.load(QUERY_START_LOC + seq + 1) - q_start
-    seq_len = tl.load(SEQ_LENS + seq)
+    # Positions fit in int32 (metadata may be int64): keeps the key loop's index math 32-bit.
+    q_start = tl.load(QUERY_START_LOC + seq).to(tl.int64)
+    q_len = (tl.load(QUERY_START_LOC + seq + 1) - q_start).to(tl.int32)
+    seq_len = tl.load(SEQ_LENS + seq).to(tl.int32)
     # The grid is sized for the longest chunk of the batch: shorter ones end early.
     if tile_m * BLOCK_M >= q_len * GROUP:
         return
@@ -147,23 +228,35 @@ def _paged_prefill_kernel(
     q_pos = context_len + tl.minimum(token, q_len - 1)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    q_rows = (q_start + token).to(tl.int64)
+    q_rows = q_start + token
     q_ptrs = (
         Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
     )
     q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
 
-    # Key range any row of the tile can see: [lo, hi). Rows are sorted by position, so the
-    # first row bounds the window from below and the last (clamped) row bounds causality.
-    first_token = (tile_m * BLOCK_M) // GROUP
-    last_token = tl.minimum((tile_m * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1)
-    hi = context_len + last_token + 1  # <= seq_len
-    lo = 0
+    # Rows are sorted by position (G rows per token): the first row has the smallest position,
+    # the last (clamped to the chunk) the largest. See the module docstring's diagram.
+    first_pos = context_len + (tile_m * BLOCK_M) // GROUP
+    last_pos = context_len + tl.minimum((tile_m * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1)
+    hi = last_pos + 1  # <= seq_len
+    full_hi = first_pos + 1
+    # Key tiles (aligned to BLOCK_N) of the tile: [tile_lo, tile_hi), of which the fully
+    # visible ones are [full_tile_lo, full_tile_hi), possibly empty (short chunks, narrow
+    # windows); full_lo >= lo and full_hi <= hi keep the three ranges in order.
+    tile_hi = tl.cdiv(hi, BLOCK_N)
+    full_tile_hi = full_hi // BLOCK_N
     if HAS_WINDOW:
-        lo = tl.maximum(context_len + first_token - sliding_window + 1, 0)
+        lo = tl.maximum(first_pos - sliding_window + 1, 0)
+        full_lo = tl.maximum(last_pos - sliding_window + 1, 0)
+        tile_lo = lo // BLOCK_N
+        full_tile_lo = tl.minimum(tl.cdiv(full_lo, BLOCK_N), tile_hi)
+        full_tile_hi = tl.maximum(full_tile_hi, full_tile_lo)
+    else:
+        full_tile_lo = 0
 
-    # Finite start for the running max: a row whose first key tile is entirely masked (outside
-    # its window) keeps m_i finite, so exp2(m_i - m_new) stays 1 rather than exp2(-inf + inf).
+    # Finite start for the running max: a row that meets a masked tile in which it sees no key
+    # (below its window, or all past its position) before any key it sees keeps m_i finite, so
+    # exp2(m_i - m_new) stays 1 rather than exp2(-inf + inf).
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -171,25 +264,26 @@ def _paged_prefill_kernel(
     k_base = KV + kv_head * stride_kh
     v_base = KV + stride_kv + kv_head * stride_kh
     table_row = BLOCK_TABLES + seq.to(tl.int64) * stride_bts
-    if INTERPRET:
-        # The interpreter turns runtime range() bounds into Python ints through a numpy
-        # conversion that numpy >= 2.4 rejects (1-element arrays are not scalars); a while loop
-        # only needs bool(). Compiled, the for loop is kept: Triton software-pipelines it.
-        start_n = lo + 0 * hi
-        while start_n < hi:
-            acc, l_i, m_i = _attend_key_tile(
-                q, q_pos, acc, l_i, m_i, start_n, hi, k_base, v_base, table_row, qk_scale,
-                sliding_window, stride_kb, stride_ko, stride_kd, stride_btb, offs_d,
-                TOKENS_PER_BLOCK, BLOCK_N, HAS_WINDOW, DOT_PRECISION,
-            )  # fmt: skip
-            start_n += BLOCK_N
-    else:
-        for start_n in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _attend_key_tile(
-                q, q_pos, acc, l_i, m_i, start_n, hi, k_base, v_base, table_row, qk_scale,
-                sliding_window, stride_kb, stride_ko, stride_kd, stride_btb, offs_d,
-                TOKENS_PER_BLOCK, BLOCK_N, HAS_WINDOW, DOT_PRECISION,
-            )  # fmt: skip
+    # The online softmax does not depend on the order of the tiles; they run in key order.
+    if HAS_WINDOW:
+        # Phase 2, window edge: tiles below full_lo, which some rows no longer see.
+        acc, l_i, m_i = _attend_key_tiles(
+            q, q_pos, acc, l_i, m_i, tile_lo, full_tile_lo, hi, k_base, v_base, table_row,
+            qk_scale, sliding_window, stride_kb, stride_ko, stride_kd, stride_btb, offs_d,
+            TOKENS_PER_BLOCK, BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, INTERPRET,
+        )  # fmt: skip
+    # Phase 1: fully visible tiles, no masks.
+    acc, l_i, m_i = _attend_key_tiles(
+        q, q_pos, acc, l_i, m_i, full_tile_lo, full_tile_hi, hi, k_base, v_base, table_row,
+        qk_scale, sliding_window, stride_kb, stride_ko, stride_kd, stride_btb, offs_d,
+        TOKENS_PER_BLOCK, BLOCK_N, False, HAS_WINDOW, DOT_PRECISION, INTERPRET,
+    )  # fmt: skip
+    # Phase 2, diagonal: tiles reaching past first_pos (causal) and up to hi (sequence end).
+    acc, l_i, m_i = _attend_key_tiles(
+        q, q_pos, acc, l_i, m_i, full_tile_hi, tile_hi, hi, k_base, v_base, table_row,
+        qk_scale, sliding_window, stride_kb, stride_ko, stride_kd, stride_btb, offs_d,
+        TOKENS_PER_BLOCK, BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, INTERPRET,
+    )  # fmt: skip
 
     # Every stored row saw at least its own key, so l_i > 0.
     acc = acc / l_i[:, None]
@@ -209,6 +303,9 @@ def _default_config(query: torch.Tensor) -> tuple[int, int, int, int]:
         return 64, 32, 4, 2
     if query.shape[-1] <= 64:
         return 128, 64, 4, 3
+    # With 2 stages, Triton (3.6, sm_90) leaves the block-table load of the gather outside the
+    # software pipeline; 3 stages give it its own stage for ~1 KB more shared memory. Untimed:
+    # bench/attention_kernels.py --sweep compares.
     return 128, 64, 8, 2
 
 

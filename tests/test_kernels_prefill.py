@@ -44,8 +44,9 @@ def make_case(
 ):
     """Random queries and a pool holding every sequence's keys in shuffled blocks.
 
-    Unused slots (spare blocks, the tail of each last block) are NaN: a kernel that reads a key
-    it should not see poisons its output instead of passing by luck.
+    Unused slots (spare blocks, the tail of each last block, the blocks that the table's padding
+    columns name) are NaN: a kernel that reads a key it should not see poisons its output instead
+    of passing by luck.
     """
     gen = torch.Generator().manual_seed(seed)
     num_heads = num_kv_heads * group
@@ -56,7 +57,9 @@ def make_case(
     pool = torch.full(
         (2, num_blocks, tokens_per_block, num_kv_heads, head_dim), float("nan"), dtype=dtype
     )
-    table = torch.zeros((len(seqs), max(blocks_per_seq)), dtype=torch.int64)
+    # Columns past a sequence's blocks point at an all-NaN spare block, so that a gather past
+    # seq_len (an unmasked table load) poisons the output too.
+    table = torch.full((len(seqs), max(blocks_per_seq)), perm[-1], dtype=torch.int64)
     next_block = 0
     for i, ((ctx, q), nb) in enumerate(zip(seqs, blocks_per_seq, strict=True)):
         table[i, :nb] = torch.tensor(perm[next_block : next_block + nb])
@@ -163,6 +166,56 @@ def test_sliding_window(device, window, group):
         seed=window + group,
     )
     check(case, window=window, block_m=16, block_n=16, **FP32_TOL)
+
+
+# Long sequences for the two key-loop phases (fully visible tiles without masks, boundary tiles
+# with them): prefix hits much longer than their chunks, so that most key tiles of every row
+# tile lie wholly below its first token, then a diagonal; chunk lengths that are not multiples
+# of 16 or 32 and sequence ends (context + chunk) that are not either; a decode after a long
+# context; a long first chunk.
+LONG = [(301, 19), (450, 9), (0, 45), (260, 1), (97, 35)]
+
+
+@pytest.mark.parametrize(
+    ("group", "block_m", "block_n"),
+    [(1, 16, 16), (2, 16, 16), (4, 16, 16), (8, 32, 16), (2, 32, 16), (4, 16, 32), (4, None, None)],
+)
+def test_long_context_fully_visible_tiles(device, group, block_m, block_n):
+    """Many unmasked tiles plus a diagonal per row tile; with group 4 or 8, a row tile holds only
+    four tokens. (None, None) is the default config (64-wide tiles on CPU)."""
+    case = make_case(
+        LONG,
+        tokens_per_block=16 if group != 2 else 8,
+        num_kv_heads=1,
+        group=group,
+        head_dim=32,
+        dtype=torch.float32,
+        device=device,
+        seed=100 + group,
+    )
+    check(case, block_m=block_m, block_n=block_n, **FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    ("window", "block_m", "block_n"),
+    [(24, 16, 16), (50, 16, 16), (100, 16, 16), (77, 32, 16), (77, 16, 32), (300, 16, 16)],
+)
+def test_window_inside_long_sequences(device, window, block_m, block_n):
+    """A window shorter than the sequences: masked tiles at the window edge, unmasked tiles
+    inside it, masked tiles on the diagonal, and key tiles below the window never visited. A
+    24-key window leaves at most one fully visible tile per row tile; a 300-key one covers the
+    shorter sequences whole."""
+    case = make_case(
+        LONG,
+        tokens_per_block=16,
+        num_kv_heads=1,
+        group=2,
+        head_dim=32,
+        dtype=torch.float32,
+        device=device,
+        seed=200 + window,
+    )
+    check(case, window=window, block_m=block_m, block_n=block_n, **FP32_TOL)
 
 
 @pytest.mark.parametrize(

@@ -242,3 +242,56 @@ def test_byte_tokenizer() -> None:
     assert all(3 <= i < tok.vocab_size for i in ids) and tok.vocab_size == 259
     assert tok.decode([tok.bos_token_id, *ids, tok.eos_token_id, tok.pad_token_id]) == "héllo"
     assert tok.decode([3 + 0xFF]) == "\ufffd"
+
+
+def test_fused_projections_are_views_of_the_hf_weights() -> None:
+    """q/k/v and gate/up are fused into one matrix each; the HF parameters become views of it
+    (no copy), the HF model's own output is unchanged, and a second engine reuses the fusion."""
+    hf = load_model("qwen2-tiny", device="cpu", dtype=torch.float64, seed=0).hf_model
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    before = hf(ids).logits
+    attn, mlp = hf.model.layers[0].self_attn, hf.model.layers[0].mlp
+    q_before = attn.q_proj.weight.clone()
+    first = PagedCausalLM(hf)
+    weight, bias = first._qkv[0]
+    rows = attn.q_proj.weight.shape[0] + 2 * attn.k_proj.weight.shape[0]
+    assert weight.shape == (rows, hf.config.hidden_size) and bias is not None
+    assert attn.q_proj.weight.data_ptr() == weight.data_ptr()
+    assert attn.v_proj.bias.data_ptr() == bias[rows - attn.v_proj.bias.shape[0] :].data_ptr()
+    assert torch.equal(attn.q_proj.weight, q_before)
+    gate_up, no_bias = first._gate_up[0]
+    assert (
+        no_bias is None
+        and mlp.up_proj.weight.data_ptr() == gate_up[mlp.gate_proj.out_features].data_ptr()
+    )
+    torch.testing.assert_close(hf(ids).logits, before, rtol=0, atol=0)
+    second = PagedCausalLM(hf)
+    assert second._qkv[0][0] is weight and second._gate_up[0][0] is gate_up
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_profile_run_takes_the_largest_step_without_a_pool(backend: str) -> None:
+    """The pre-sizing profile runs ``num_tokens`` context tokens over ``num_seqs`` sequences on
+    a one-block dummy pool (reads stay inside it, nothing is written)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = load_model("llama-tiny", device=device, dtype=torch.float32, seed=0).hf_model
+    model = PagedCausalLM(hf, attention_backend=backend)
+    seen = []
+    forward = model.forward
+
+    def spy(batch, pool):
+        logits = forward(batch, pool)
+        seen.append((batch, pool.shape[2], logits.shape[0], bool(logits.isfinite().all())))
+        return logits
+
+    model.forward = spy
+    peaks = [
+        model.profile_run(num_tokens=37, num_seqs=5, tokens_per_block=4),
+        model.profile_run(num_tokens=3, num_seqs=8, tokens_per_block=16),
+    ]
+    assert peaks == [0, 0] if device == "cpu" else all(p > 0 for p in peaks)
+    (big, big_blocks, big_rows, big_ok), (small, small_blocks, small_rows, small_ok) = seen
+    assert big.num_tokens == 37 and big.seq_lens.tolist() == [8, 8, 7, 7, 7]
+    assert big_rows == 5 and big_blocks == 1 and big_ok
+    assert bool((big.slot_mapping == -1).all())
+    assert small.num_tokens == 3 and small_rows == 3 and small_blocks == 1 and small_ok

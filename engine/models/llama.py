@@ -1,9 +1,16 @@
 """A paged forward for decoder-only HF Llama-family models (Llama, Mistral, Qwen2, Qwen3).
 
-The weights stay in the HF modules (shared, not copied); only attention is ours: RoPE from the
-model's own rotary module, K/V written into the paged pool, attention read back through the
-block tables. Everything else (norms, MLP, projections with their biases, q/k norms) calls the
-HF submodules, so the numerics match ``hf_model(input_ids)``.
+The weights stay in the HF model. Two sets of projections are fused, as serving engines do:
+q/k/v into one ``[(H + 2 Hkv) * D, hidden]`` matrix and gate/up into one
+``[2 * intermediate, hidden]`` matrix, one GEMM each instead of three and two. The HF modules'
+weights become views of the fused matrices, so memory is not doubled and ``hf_model`` itself
+still runs (``generate()`` for comparisons).
+
+Attention is ours: RoPE from the model's own rotary module, K/V written into the paged pool,
+attention read back through the block tables. With the torch backend everything else calls
+the HF submodules (norms, activation, q/k norms), so the numerics match ``hf_model``; with the
+triton backend the norms (fused with the residual add), RoPE and SiLU-and-mul run as Triton
+kernels, a few launches a layer instead of ~40.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.model_engine import ForwardBatch
@@ -58,6 +66,19 @@ class PagedCausalLM:
         self._head_dim: int = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
+        self._attns = [layer.self_attn for layer in self._model.layers]
+        self._qkv = [_fuse_linears(a.q_proj, a.k_proj, a.v_proj) for a in self._attns]
+        self._gate_up = [
+            _fuse_linears(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self._model.layers
+        ]
+        self._qkv_sizes = [
+            self._num_heads * self._head_dim,
+            self._num_kv_heads * self._head_dim,
+            self._num_kv_heads * self._head_dim,
+        ]
+        # The triton backend also runs norms, RoPE and SiLU-and-mul as Triton kernels.
+        self._fused_elementwise = self.attention_backend == "triton"
+        self._is_silu = getattr(config, "hidden_act", None) in ("silu", "swish")
         self._scales: list[float] = []
         self._windows: list[int | None] = []
         for layer in self._model.layers:
@@ -117,35 +138,184 @@ class PagedCausalLM:
                 f"[{self.num_layers}, 2, num_blocks, tokens_per_block, {self.num_kv_heads}, "
                 f"{self.head_dim}]"
             )
-        num_tokens = batch.num_tokens
         hidden = self._model.embed_tokens(batch.input_ids)  # [T, hidden]
         # The HF rotary module applies rope scaling (e.g. llama3) and its attention_scaling.
         cos, sin = self._model.rotary_emb(hidden, batch.positions[None, :])
         cos, sin = cos[0], sin[0]  # [T, head_dim]
 
-        for i, layer in enumerate(self._model.layers):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(num_tokens, self._num_heads, self._head_dim)
-            k = attn.k_proj(x).view(num_tokens, self._num_kv_heads, self._head_dim)
-            v = attn.v_proj(x).view(num_tokens, self._num_kv_heads, self._head_dim)
-            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-                q = attn.q_norm(q)
-                k = attn.k_norm(k)
-            q = _apply_rope(q, cos, sin)
-            k = _apply_rope(k, cos, sin)
-            out = self._attention(q, k, v, kv_pool[i], batch, i)
-            hidden = residual + attn.o_proj(out.reshape(num_tokens, -1))
-
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-
-        # Norm and lm_head are per token: apply them only where logits are wanted.
-        hidden = self._model.norm(hidden[batch.logits_indices])
+        if self._fused_elementwise:
+            hidden = self._layers_triton(hidden, cos, sin, batch, kv_pool)
+        else:
+            hidden = self._layers_torch(hidden, cos, sin, batch, kv_pool)
         return self._lm_head(hidden)
 
+    def _layers_torch(self, hidden, cos, sin, batch: ForwardBatch, kv_pool) -> torch.Tensor:
+        """The decoder stack on HF's own norms and activation (the numerics of ``hf_model``);
+        returns the final-normed hidden states of the ``logits_indices`` rows."""
+        for i, layer in enumerate(self._model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            residual = hidden
+            q, k, v = self._qkv_heads(i, layer.input_layernorm(hidden))
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            out = self._attention(q, k, v, kv_pool[i], batch, i)
+            hidden = residual + attn.o_proj(out.flatten(1))
+
+            residual = hidden
+            x = layer.post_attention_layernorm(hidden)
+            gate, up = F.linear(x, *self._gate_up[i]).chunk(2, dim=-1)
+            hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
+        # Norm and lm_head are per token: apply them only where logits are wanted.
+        return self._model.norm(hidden[batch.logits_indices])
+
+    def _layers_triton(self, hidden, cos, sin, batch: ForwardBatch, kv_pool) -> torch.Tensor:
+        """The same stack with Triton elementwise kernels: each residual add is fused into the
+        norm after it, so the residual stream is carried alongside::
+
+            x = norm(h); r = h                  (first layer)
+            x, r = norm(out + r), out + r       (every later add: one kernel)
+        """
+        import kernels
+
+        residual = None
+        for i, layer in enumerate(self._model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norm = layer.input_layernorm
+            if residual is None:
+                residual, x = hidden, kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+            else:
+                x, residual = kernels.rms_norm(
+                    hidden, norm.weight, norm.variance_epsilon, residual=residual
+                )
+            q, k, v = self._qkv_heads(i, x)
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+                q = kernels.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                k = kernels.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            kernels.apply_rotary(q, k, cos, sin)  # in place
+            out = self._attention(q, k, v, kv_pool[i], batch, i)
+            norm = layer.post_attention_layernorm
+            x, residual = kernels.rms_norm(
+                attn.o_proj(out.flatten(1)), norm.weight, norm.variance_epsilon, residual=residual
+            )
+            gate_up = F.linear(x, *self._gate_up[i])
+            if self._is_silu:
+                hidden = mlp.down_proj(kernels.silu_and_mul(gate_up))
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                hidden = mlp.down_proj(mlp.act_fn(gate) * up)
+        rows = batch.logits_indices
+        norm = self._model.norm
+        hidden, _ = kernels.rms_norm(
+            hidden[rows], norm.weight, norm.variance_epsilon, residual=residual[rows]
+        )
+        return hidden
+
+    def _qkv_heads(self, layer: int, x: torch.Tensor):
+        """One GEMM for q, k and v; returns head views [T, heads, head_dim] of its output."""
+        num_tokens = x.shape[0]
+        q, k, v = F.linear(x, *self._qkv[layer]).split(self._qkv_sizes, dim=-1)
+        return (
+            q.view(num_tokens, self._num_heads, self._head_dim),
+            k.view(num_tokens, self._num_kv_heads, self._head_dim),
+            v.view(num_tokens, self._num_kv_heads, self._head_dim),
+        )
+
     __call__ = forward
+
+    def profile_run(self, num_tokens: int, num_seqs: int, tokens_per_block: int) -> int:
+        """Run the largest step a scheduler can send (``num_tokens`` context tokens over
+        ``num_seqs`` sequences, each sampling) on a one-block dummy pool; returns the peak
+        bytes it allocated beyond what was allocated before (activations, logits, workspaces).
+
+        Run before the KV pool is sized: the memory stays in torch's cache, so the free memory
+        the pool is sized from already excludes it (TensorRT-LLM sizes its pool after such a
+        warm-up too). Nothing is written (slots -1); every read stays in the dummy block.
+        """
+        device = self.device
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        per_seq = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        starts = [0]
+        for n in per_seq:
+            starts.append(starts[-1] + n)
+        max_len = max(per_seq)
+        num_blocks = -(-max_len // tokens_per_block)
+
+        def ints(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        positions = [p for n in per_seq for p in range(n)]
+        batch = ForwardBatch(
+            input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=device),
+            positions=ints(positions),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+            query_start_loc=ints(starts),
+            seq_lens=ints(per_seq),
+            block_tables=torch.zeros((num_seqs, num_blocks), dtype=torch.int64, device=device),
+            logits_indices=ints([end - 1 for end in starts[1:]]),
+            max_query_len=max_len,
+            max_seq_len=max_len,
+            num_context_seqs=num_seqs,
+            num_context_tokens=num_tokens,
+        )
+        pool = torch.zeros(
+            (self.num_layers, 2, 1, tokens_per_block, self._num_kv_heads, self._head_dim),
+            dtype=self.dtype,
+            device=device,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        logits = self.forward(batch, pool)
+        logits.argmax(dim=-1)  # the decoder's work on the logits
+        if device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+
+    def compile_kernels(self, kv_pool: torch.Tensor) -> None:
+        """Compile every Triton variant a run can launch, on one-token dummy batches.
+
+        A variant first met mid-run compiles inside a timed step (about a second each on an
+        empty cache). A mixed step (one context token, one decode) through the whole forward
+        compiles every kernel once; the decode launcher then picks a split count from the batch
+        shape, so each one (1, 2, 4, 8, 16) is compiled too, per distinct sliding window.
+        Nothing is written (slots -1); every read stays in block 0.
+        """
+        if self.attention_backend != "triton" or self.device.type != "cuda":
+            return
+        import kernels
+        from kernels.paged_decode import MAX_SPLITS
+
+        device = self.device
+
+        def ints(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        mixed = ForwardBatch(
+            input_ids=ints([0, 0]),
+            positions=ints([0, 0]),
+            slot_mapping=ints([-1, -1]),
+            query_start_loc=ints([0, 1, 2]),
+            seq_lens=ints([1, 1]),
+            block_tables=ints([[0], [0]]),
+            logits_indices=ints([0, 1]),
+            max_query_len=1,
+            max_seq_len=1,
+            num_context_seqs=1,
+            num_context_tokens=1,
+        )
+        self.forward(mixed, kv_pool)
+        q = torch.zeros((1, self._num_heads, self._head_dim), dtype=self.dtype, device=device)
+        for window in set(self._windows):
+            splits = 1
+            while splits <= MAX_SPLITS:
+                kernels.paged_decode_attention(
+                    q, kv_pool[0], ints([[0]]), ints([1]), 1.0, window, num_splits=splits
+                )
+                splits *= 2
+        torch.cuda.synchronize(device)
 
     def _attention(
         self,
@@ -191,6 +361,33 @@ class PagedCausalLM:
                 )
             )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of the linears stacked along the output dim; each linear's parameters
+    become views into them (no second copy). A model fused before (another engine over the same
+    HF model) is recognised, while its parameters still point into the fused matrix."""
+    rows = [lin.weight.shape[0] for lin in linears]
+    offsets = [sum(rows[:i]) for i in range(len(rows))]
+    fused = getattr(linears[0], "_schedlab_fused", None)
+    if fused is not None:
+        weight, bias = fused
+        if all(
+            lin.weight.data_ptr() == weight[offset].data_ptr()
+            for lin, offset in zip(linears, offsets, strict=True)
+        ):
+            return weight, bias
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse projections where only some have a bias")
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    for lin, offset, n in zip(linears, offsets, rows, strict=True):
+        lin.weight = nn.Parameter(weight[offset : offset + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[offset : offset + n], requires_grad=False)
+    linears[0]._schedlab_fused = (weight, bias)
+    return weight, bias
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
