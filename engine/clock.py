@@ -50,3 +50,9 @@ class VirtualClock:
 
     def tick(self, step_seconds: float | None = None) -> None:
         self._now += self.step_time if step_seconds is None else step_seconds
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward inside a step (the simulated engine's predicted forward time)."""
+        if seconds < 0:
+            raise ValueError(f"time cannot go backwards ({seconds} s)")
+        self._now += seconds

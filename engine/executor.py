@@ -166,7 +166,6 @@ class PyExecutor:
         stats = self._record(
             batch,
             start,
-            wall_start,
             scheduling_time,
             forward_time,
             num_new,
@@ -214,7 +213,6 @@ class PyExecutor:
         self,
         batch: SchedulerOutput,
         start: float,
-        wall_start: float,
         scheduling_time: float,
         forward_time: float,
         num_new: int,
@@ -231,7 +229,9 @@ class PyExecutor:
         stats = IterationStats(
             iteration=self._num_iterations,
             time=start,
-            step_latency=time.perf_counter() - wall_start,
+            # On the executor's clock: wall time for real engines, the predicted step time for
+            # the simulated one (whose host time is in scheduling_time / forward_time).
+            step_latency=self.clock.now() - start,
             scheduling_time=scheduling_time,
             forward_time=forward_time,
             num_new_requests=num_new,

@@ -122,8 +122,12 @@ class KVCacheManager(BaseResourceManager):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        free_bytes: int | None = None,
     ) -> None:
-        """Create the KV tensors (``kv_pool``) once the model is known."""
+        """Create the KV tensors (``kv_pool``) once the model is known. A pool sized from free
+        memory uses ``free_bytes`` when given (the simulated engine passes its profile's), else
+        the device's free memory. On the ``meta`` device nothing is allocated: the simulated
+        engine only counts blocks."""
 
     kv_pool: (
         torch.Tensor | None

@@ -9,13 +9,14 @@ outputs = llm.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=Tru
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.clock import Clock, WallClock
+from engine.clock import Clock, VirtualClock, WallClock
 from engine.cuda_graphs import DecodeGraphRunner, default_cuda_graph_batch_sizes
 from engine.decoder import Decoder
 from engine.executor import PyExecutor
@@ -24,6 +25,8 @@ from engine.request import Request, SamplingParams
 from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler
 from policies import registry
+
+ENGINES = ("torch", "sim")
 
 DTYPES = {
     "float64": torch.float64,
@@ -113,6 +116,12 @@ class LLM:
     On CUDA, decode-only steps replay CUDA graphs captured at start-up for the bucket sizes
     ``cuda_graph_batch_sizes`` (default: ``default_cuda_graph_batch_sizes(max_batch_size)``);
     ``enforce_eager=True`` (vLLM's name) runs every step eagerly. CPU runs are always eager.
+
+    ``engine="sim"``: no weights and no tensors; each step's time comes from ``cost_model`` (a
+    ``engine.sim.Profile``, a profile file, or any ``engine.sim.CostModel``) on a
+    ``VirtualClock``; the KV pool only counts blocks (sized by the manager's ``num_blocks`` /
+    ``max_tokens``, or ``free_gpu_memory_fraction`` of the profile's free memory). Outputs
+    are placeholder tokens; lengths follow ``max_new_tokens``.
     """
 
     def __init__(
@@ -129,11 +138,12 @@ class LLM:
         attention_backend: str = "auto",
         enforce_eager: bool = False,
         cuda_graph_batch_sizes: Sequence[int] | None = None,
+        engine: str = "torch",
+        cost_model: Any = None,
     ):
-        from engine.models import PagedCausalLM, load_model
-
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = engine
         self.microbatch_scheduler = registry.build("microbatch_scheduler", microbatch_scheduler)
         self.capacity_scheduler = registry.build(
             "capacity_scheduler",
@@ -142,7 +152,42 @@ class LLM:
         )
         self.kv_cache_manager = registry.build("kv_cache_manager", kv_cache_manager)
         check_chunk_unit(self.microbatch_scheduler, self.kv_cache_manager.tokens_per_block)
+        scheduler = Scheduler(self.capacity_scheduler, self.microbatch_scheduler)
+        resource_manager = ResourceManager(self.kv_cache_manager)
+        if engine == "sim":
+            self._init_sim(model, dtype, cost_model, clock, scheduler, resource_manager)
+        else:
+            self._init_torch(
+                model,
+                device,
+                dtype,
+                seed,
+                attention_backend,
+                enforce_eager,
+                cuda_graph_batch_sizes,
+                clock,
+                scheduler,
+                resource_manager,
+            )
+        self._next_request_id = 0
 
+    def _init_torch(
+        self,
+        model,
+        device,
+        dtype,
+        seed,
+        attention_backend,
+        enforce_eager,
+        cuda_graph_batch_sizes,
+        clock,
+        scheduler,
+        resource_manager,
+    ) -> None:
+        from engine.models import PagedCausalLM, load_model
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         loaded = load_model(model, device=self.device, dtype=self.dtype, seed=seed)
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
@@ -178,12 +223,56 @@ class LLM:
         self.executor = PyExecutor(
             self.model_engine,
             Decoder(seed),
-            Scheduler(self.capacity_scheduler, self.microbatch_scheduler),
-            ResourceManager(self.kv_cache_manager),
+            scheduler,
+            resource_manager,
             clock=clock or WallClock(),
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
         )
-        self._next_request_id = 0
+
+    def _init_sim(self, model, dtype, cost_model, clock, scheduler, resource_manager) -> None:
+        """No weights, no tensors: the model's shape, a cost model and a virtual clock."""
+        from engine.models import load_tokenizer, model_limits, model_shape
+        from engine.sim import CostModel, Profile, SimDecoder, SimModelEngine
+
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError("engine='sim' takes a preset name or a checkpoint directory")
+        if clock is not None and not isinstance(clock, VirtualClock):
+            raise ValueError("engine='sim' runs on a VirtualClock (simulated time)")
+        if cost_model is None:
+            raise ValueError(
+                "engine='sim' needs a cost_model: a Profile, a profile file, or a CostModel"
+            )
+        profile = None
+        if isinstance(cost_model, (str, os.PathLike)):
+            cost_model = Profile.load(cost_model)
+        if isinstance(cost_model, Profile):
+            profile, cost_model = cost_model, cost_model.cost_model()
+            if profile.model != str(model):
+                raise ValueError(f"the profile is of model {profile.model!r}, not {str(model)!r}")
+        if not isinstance(cost_model, CostModel):
+            raise ValueError(f"cost_model must be a Profile, a path or a CostModel: {cost_model!r}")
+        self.profile = profile
+        self.model_name = str(model)
+        self.tokenizer = load_tokenizer(model)
+        self.device = torch.device("meta")  # nothing is allocated
+        self.dtype = DTYPES.get(profile.dtype if profile else str(dtype), torch.bfloat16)
+        shape = model_shape(model)
+        self.kv_cache_manager.allocate_pool(
+            shape.num_layers,
+            shape.num_kv_heads,
+            shape.head_dim,
+            self.dtype,
+            self.device,
+            free_bytes=(profile.memory.get("free_bytes_for_kv") if profile else None),
+        )
+        self.memory_profile = {}
+        self.activation_peak_bytes = 0
+        clock = clock or VirtualClock()
+        vocab_size, max_seq_len = model_limits(model)
+        self.model_engine = SimModelEngine(cost_model, clock, vocab_size, max_seq_len)
+        self.executor = PyExecutor(
+            self.model_engine, SimDecoder(), scheduler, resource_manager, clock=clock
+        )
 
     def _memory_checkpoint(self, phase: str) -> None:
         if self.device.type == "cuda":
@@ -264,7 +353,7 @@ class LLM:
 
     def _output(self, request: Request) -> RequestOutput:
         text = None
-        if self.tokenizer is not None and request.output_token_ids:
+        if self.tokenizer is not None and request.output_token_ids and self.engine != "sim":
             text = self.tokenizer.decode(request.output_token_ids)
         return RequestOutput(
             request_id=request.request_id,

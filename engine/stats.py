@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
-@dataclass(frozen=True)
+# slots: the simulated engine records millions of steps (a dict per row would cost ~1 KB).
+@dataclass(frozen=True, slots=True)
 class IterationStats:
     iteration: int
     time: float  # clock time at the start of the step (s)

@@ -77,6 +77,24 @@ def model_source(cfg: DictConfig) -> str:
     return cfg.model.path if cfg.model.path else cfg.model.name
 
 
+def sim_profile(cfg: DictConfig):
+    """The profile a simulated run fits its step times to (``executor.profile``, else the
+    committed one for ``executor.sim_device`` and the model)."""
+    from engine.sim import Profile, available_profiles, default_profile_path
+
+    if cfg.executor.profile:
+        return Profile.load(cfg.executor.profile)
+    path = default_profile_path(cfg.model.name, cfg.executor.sim_device)
+    if not path.is_file():
+        raise ValueError(
+            f"no profile for model {cfg.model.name!r} on {cfg.executor.sim_device!r} ({path}); "
+            f"available: {', '.join(available_profiles()) or 'none'}. Make one on that GPU with "
+            f"python -m engine.sim.profiler --model {cfg.model.name} --out {path}, or pass "
+            "executor.profile=FILE"
+        )
+    return Profile.load(path)
+
+
 def tokenizer_for(cfg: DictConfig):
     if cfg.model.path:
         from transformers import AutoTokenizer
@@ -102,7 +120,9 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
         raise ValueError(
             f"no value for {', '.join(missing)}: give it on the command line, e.g. {missing[0]}=..."
         )
-    device = resolve_device(resolve_device_name(cfg.executor.device))
+    is_sim = cfg.executor.engine.value == "sim"
+    # A simulated run allocates nothing: its device only sizes the experiment.
+    device = None if is_sim else resolve_device(resolve_device_name(cfg.executor.device))
     parts = build_parts(cfg)
     vocab_size, max_seq_len = model_limits(model_source(cfg))
     workload = build_workload(
@@ -115,17 +135,22 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
         raise ValueError(f"workload {workload.name!r} has no requests (check its window/filters)")
 
     started = time.perf_counter()
-    llm = LLM(
-        model_source(cfg),
-        device=device,
-        dtype=cfg.executor.dtype.value,
-        seed=cfg.seed,
-        attention_backend=cfg.executor.attention_backend.value,
-        enforce_eager=cfg.executor.enforce_eager,
-        cuda_graph_batch_sizes=cfg.executor.cuda_graph_batch_sizes,
-        **parts,
-    )
-    if cfg.executor.warmup:
+    if is_sim:
+        llm = LLM(
+            model_source(cfg), engine="sim", cost_model=sim_profile(cfg), seed=cfg.seed, **parts
+        )
+    else:
+        llm = LLM(
+            model_source(cfg),
+            device=device,
+            dtype=cfg.executor.dtype.value,
+            seed=cfg.seed,
+            attention_backend=cfg.executor.attention_backend.value,
+            enforce_eager=cfg.executor.enforce_eager,
+            cuda_graph_batch_sizes=cfg.executor.cuda_graph_batch_sizes,
+            **parts,
+        )
+    if cfg.executor.warmup and not is_sim:
         warm_up(llm)
     else:
         reset(llm)
@@ -148,7 +173,8 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
         **info,
         "status": "ok",
         "model": llm.model_name,
-        "device": str(llm.device),
+        "engine": llm.engine,
+        "device": f"sim ({llm.profile.device})" if is_sim else str(llm.device),
         "dtype": str(llm.dtype).removeprefix("torch."),
         "workload": workload.name,
         "num_requests": len(workload),

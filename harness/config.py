@@ -34,7 +34,8 @@ class DType(enum.Enum):
 
 
 class EngineKind(enum.Enum):
-    torch = "torch"
+    torch = "torch"  # the real model (cpu or cuda)
+    sim = "sim"  # predicted step times from a profile of the real engine (any CPU)
 
 
 class AttentionBackend(enum.Enum):
@@ -45,7 +46,9 @@ class AttentionBackend(enum.Enum):
 
 @dataclass
 class ExecutorConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto | cpu | cuda | cuda:N; with engine=sim, the device simulated (default cuda: sizes the
+    # experiment for a GPU; nothing runs on it)
+    device: str = "auto"
     dtype: DType = DType.auto
     engine: EngineKind = EngineKind.torch
     attention_backend: AttentionBackend = AttentionBackend.auto
@@ -53,6 +56,10 @@ class ExecutorConfig:
     # CUDA graphs for decode-only steps (CUDA only; vLLM's enforce_eager turns them off).
     enforce_eager: bool = False
     cuda_graph_batch_sizes: list[int] | None = None  # null: 1, 2, 4, ..., max_batch_size
+    # engine=sim: the profile to fit step times to (null: engine/sim/profiles/<sim_device>/
+    # <model>.json, made by python -m engine.sim.profiler)
+    profile: str | None = None
+    sim_device: str = "h100"
 
 
 @dataclass
@@ -91,9 +98,16 @@ def by_device(device: str, cpu_value: Any, cuda_value: Any) -> Any:
     return cuda_value if resolve_device_name(str(device)).startswith("cuda") else cpu_value
 
 
+def default_device(engine: str) -> str:
+    """``auto`` for a real engine; ``cuda`` for the simulated one, which simulates a GPU."""
+    return "cuda" if str(engine) in ("sim", "EngineKind.sim") else "auto"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("by_device"):
         OmegaConf.register_new_resolver("by_device", by_device)
+    if not OmegaConf.has_resolver("default_device"):
+        OmegaConf.register_new_resolver("default_device", default_device)
 
 
 def check_component(group: str, node: Mapping[str, Any]) -> type:

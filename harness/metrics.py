@@ -125,7 +125,14 @@ def requests_frame(requests: Sequence[Request]) -> pd.DataFrame:
 
 def iterations_frame(stats: Sequence[IterationStats]) -> pd.DataFrame:
     """One row per executor step (``IterationStats.as_row()``), columns ``ITERATION_COLUMNS``."""
-    return pd.DataFrame([s.as_row() for s in stats], columns=list(ITERATION_COLUMNS))
+    # Column by column: a simulated run has millions of rows, too many for a dict each.
+    columns = {}
+    for name in ITERATION_COLUMNS:
+        if name == "kv_utilization":
+            columns[name] = [s.kv_utilization for s in stats]
+        else:
+            columns[name] = [getattr(s, name) for s in stats]
+    return pd.DataFrame(columns, columns=list(ITERATION_COLUMNS))
 
 
 def _percentile_word(p: float) -> str:

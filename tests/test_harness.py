@@ -259,3 +259,38 @@ def test_a_missing_mandatory_value_is_named(tmp_path, overrides, key):
     proc = harness(tmp_path, *overrides, "executor.device=cpu", expect_ok=False)
     assert proc.returncode == 2
     assert f"no value for {key}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sim_engine_runs_an_experiment_from_a_profile(tmp_path: Path):
+    """executor.engine=sim sizes the experiment for a GPU (llama-1b, GPU load) and runs it on a
+    CPU from a profile; the results have the same layout, and the policies differ as on a GPU."""
+    from tests.test_sim import synthetic_profile
+
+    profile = tmp_path / "llama-1b.json"
+    synthetic_profile("llama-1b").save(profile)
+    out = tmp_path / "out"
+    harness(
+        out,
+        "experiment=fcfs_vs_maxutil",
+        "executor.engine=sim",
+        f"executor.profile={profile}",
+        "workload.max_requests=120",
+        "progress=false",
+    )
+    sweep = load(only_dir(out / "fcfs_vs_maxutil"))
+    assert isinstance(sweep, SweepResult)
+    summary = sweep.summary.set_index("capacity_scheduler")
+    assert set(summary["status"]) == {"ok"}
+    assert summary.loc["max_utilization", "num_preemptions"] > 0
+    assert summary.loc["guaranteed_no_evict", "num_preemptions"] == 0
+    run = next(r for r in sweep.runs if r.info["status"] == "ok")
+    assert run.info["engine"] == "sim" and run.info["device"] == "sim (Synthetic GPU)"
+    assert run.info["model"] == "llama-1b" and run.info["num_requests"] == 120
+
+
+def test_sim_engine_without_a_profile_says_how_to_make_one(tmp_path: Path):
+    proc = harness(tmp_path, "executor.engine=sim", "model=llama-8b", expect_ok=False)
+    assert proc.returncode == 2
+    assert "no profile for model 'llama-8b' on 'h100'" in proc.stderr + proc.stdout
+    assert "python -m engine.sim.profiler" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr

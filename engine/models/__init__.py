@@ -1,7 +1,16 @@
 """Models for the engine: a paged forward over HF Llama-family models, and how to load them."""
 
 from engine.models.llama import SUPPORTED_ARCHITECTURES, PagedCausalLM
-from engine.models.presets import PRESETS, LoadedModel, load_model, model_limits
+from engine.models.presets import (
+    PRESETS,
+    LoadedModel,
+    ModelShape,
+    load_model,
+    load_tokenizer,
+    model_config,
+    model_limits,
+    model_shape,
+)
 from engine.models.tokenizer import ByteTokenizer
 
 __all__ = [
@@ -9,7 +18,11 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "ByteTokenizer",
     "LoadedModel",
+    "ModelShape",
     "PagedCausalLM",
     "load_model",
+    "load_tokenizer",
+    "model_config",
     "model_limits",
+    "model_shape",
 ]

@@ -257,18 +257,72 @@ def load_model(
     )
 
 
+def model_config(model: str | os.PathLike[str]) -> PretrainedConfig:
+    """The HF config of a preset or a checkpoint directory, without building the model."""
+    if isinstance(model, str) and model in PRESETS:
+        return PRESETS[model].make_config()
+    if Path(model).is_dir() and (Path(model) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    raise ValueError(
+        f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and not a local "
+        "checkpoint directory with a config.json"
+    )
+
+
+def load_tokenizer(model: str | os.PathLike[str]) -> Any:
+    """The tokenizer of a preset (byte-level) or of a checkpoint directory, without weights."""
+    if isinstance(model, str) and model in PRESETS:
+        return ByteTokenizer()
+    model_config(model)  # a clear error for anything else
+    return AutoTokenizer.from_pretrained(model, local_files_only=True)
+
+
 def model_limits(model: str | os.PathLike[str]) -> tuple[int, int]:
     """``(vocab_size, max_seq_len)`` of a preset or a checkpoint directory, without building the
     model: lets a harness size and check its workload before any weights are made."""
-    if isinstance(model, str) and model in PRESETS:
-        config = PRESETS[model].make_config()
-    elif Path(model).is_dir() and (Path(model) / "config.json").is_file():
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model, local_files_only=True)
-    else:
-        raise ValueError(
-            f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and not a local "
-            "checkpoint directory with a config.json"
-        )
+    config = model_config(model)
     return int(config.vocab_size), int(config.max_position_embeddings)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a cost model needs to know of a model, without its weights."""
+
+    num_params: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def attention_flops_per_pair(self) -> int:
+        """FLOPs of one query-key pair over all layers and heads (QK^T and PV)."""
+        return 4 * self.num_layers * self.num_heads * self.head_dim
+
+
+def model_shape(model: str | os.PathLike[str]) -> ModelShape:
+    """Parameter count and attention shape of a preset or checkpoint (built on the meta device:
+    no memory, no weights)."""
+    config = model_config(model)
+    if isinstance(model, str) and model in PRESETS:
+        model_class = PRESETS[model].model_class
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM.from_config
+    with torch.device("meta"):
+        meta = model_class(config)
+    heads = config.num_attention_heads
+    return ModelShape(
+        num_params=sum(p.numel() for p in meta.parameters()),
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )

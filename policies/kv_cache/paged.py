@@ -145,6 +145,7 @@ class PagedKVCacheManager(KVCacheManager):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        free_bytes: int | None = None,
     ) -> None:
         """Create ``kv_pool`` zeros ``[num_layers, 2 (K, V), num_blocks, tokens_per_block,
         num_kv_heads, head_dim]``, first sizing the pool if no size was given."""
@@ -153,8 +154,9 @@ class PagedKVCacheManager(KVCacheManager):
             num_layers * 2 * self.tokens_per_block * num_kv_heads * head_dim * dtype.itemsize
         )
         if self._pool is None:
-            if device.type == "cuda":
+            if free_bytes is None and device.type == "cuda":
                 free_bytes, _ = torch.cuda.mem_get_info(device)
+            if free_bytes is not None:
                 num_blocks = int(free_bytes * self.free_gpu_memory_fraction) // bytes_per_block
                 if num_blocks < 1:
                     raise RuntimeError(
@@ -163,6 +165,11 @@ class PagedKVCacheManager(KVCacheManager):
                         f"GPU memory ({free_bytes} bytes) holds no block of {bytes_per_block} "
                         "bytes"
                     )
+            elif device.type == "meta":
+                raise ValueError(
+                    "PagedKVCacheManager: a simulated pool needs a size: give num_blocks or "
+                    "max_tokens, or a profile with the device's free memory"
+                )
             else:
                 num_blocks = math.ceil(DEFAULT_CPU_MAX_TOKENS / self.tokens_per_block)
             self._pool = BlockPool(num_blocks)

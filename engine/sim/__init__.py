@@ -1,0 +1,24 @@
+"""The simulated engine (``executor.engine=sim``): same executor and policies, predicted time.
+
+cost_model.py  StepFeatures, CostModel, RooflineCostModel (baseline), LinearCostModel (fitted)
+profile.py     Profile: measured step times of the real engine for one (device, model)
+profiler.py    python -m engine.sim.profiler: runs the real engine over a grid, writes a profile
+engine.py      SimModelEngine, SimDecoder
+"""
+
+from engine.sim.cost_model import CostModel, LinearCostModel, RooflineCostModel, StepFeatures
+from engine.sim.engine import PLACEHOLDER_TOKEN, SimDecoder, SimModelEngine
+from engine.sim.profile import Profile, available_profiles, default_profile_path
+
+__all__ = [
+    "PLACEHOLDER_TOKEN",
+    "CostModel",
+    "LinearCostModel",
+    "Profile",
+    "RooflineCostModel",
+    "SimDecoder",
+    "SimModelEngine",
+    "StepFeatures",
+    "available_profiles",
+    "default_profile_path",
+]

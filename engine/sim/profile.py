@@ -1,0 +1,89 @@
+"""A profile: step times of the real engine over a grid of batch shapes, for one (device, model).
+
+Written by ``python -m engine.sim.profiler`` and read by the simulated engine, which fits a
+``LinearCostModel`` to it. One JSON file::
+
+    {"format": 1, "model": "llama-8b", "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16",
+     "command": "...", "created": "...", "software": {"torch": ..., ...},
+     "engine": {"max_batch_size": 256, "max_num_tokens": 8192, "tokens_per_block": 32, ...},
+     "memory": {"total_bytes": ..., "weight_bytes": ..., "kv_bytes_per_token": ...,
+                "free_bytes_for_kv": ...},      # what free_gpu_memory_fraction applies to
+     "steps": [{"num_context_seqs": 0, ..., "decode_kv_tokens": 65536, "seconds": 0.0109}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.sim.cost_model import LinearCostModel, StepFeatures
+
+FORMAT_VERSION = 1
+_FEATURES = tuple(f.name for f in fields(StepFeatures))
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass
+class Profile:
+    model: str
+    device: str
+    dtype: str
+    steps: list[dict[str, float]]
+    memory: dict[str, int] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    software: dict[str, str] = field(default_factory=dict)
+    command: str = ""
+    created: str = ""
+
+    def samples(self) -> list[tuple[StepFeatures, float]]:
+        return [
+            (StepFeatures(**{k: row[k] for k in _FEATURES}), float(row["seconds"]))
+            for row in self.steps
+        ]
+
+    def cost_model(self) -> LinearCostModel:
+        return LinearCostModel.fit(self.samples())
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": FORMAT_VERSION, **asdict(self)}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read a profile; a missing file, bad JSON or a missing field is a ``ValueError``
+        naming the file (and the field, or the step index)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such profile file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a profile is a JSON object")
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT_VERSION}")
+        for key in ("model", "device", "dtype", "steps"):
+            if key not in data:
+                raise ValueError(f"{path}: missing field {key!r}")
+        for i, row in enumerate(data["steps"]):
+            missing = [k for k in (*_FEATURES, "seconds") if k not in row]
+            if missing:
+                raise ValueError(f"{path}: steps[{i}] has no {', '.join(missing)}")
+            if not row["seconds"] > 0:
+                raise ValueError(f"{path}: steps[{i}].seconds must be > 0, got {row['seconds']}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def default_profile_path(model: str, device: str) -> Path:
+    """``engine/sim/profiles/<device>/<model>.json`` (device: a short name such as ``h100``)."""
+    return PROFILE_DIR / device / f"{model}.json"
+
+
+def available_profiles() -> list[str]:
+    return sorted(f"{p.parent.name}/{p.stem}" for p in PROFILE_DIR.glob("*/*.json"))

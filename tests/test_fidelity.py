@@ -1,0 +1,54 @@
+"""The fidelity report: sim against real, metric by metric, paired by overrides."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.fidelity import LATENCY_METRICS, TARGETS, THROUGHPUT_METRICS, compare, main
+from tests.test_harness import harness, only_dir
+
+
+def summary(scale: float) -> dict:
+    values = {m: 100.0 * scale for m in LATENCY_METRICS}
+    values.update({m: 50.0 / scale for m in THROUGHPUT_METRICS})
+    return values
+
+
+def test_relative_errors_and_targets():
+    table = compare({"a": summary(1.0), "b": summary(1.0)}, {"a": summary(1.04), "c": {}})
+    assert set(table["variant"]) == {"a"} and len(table) == len(TARGETS)
+    rows = table.set_index("metric")
+    assert math.isclose(rows.loc["p50_ttft_ms", "relative_error"], 0.04)
+    assert bool(rows.loc["p99_e2el_ms", "within_target"])  # 4% <= 5%
+    # throughput 50 / 1.04: -3.8%, outside the 3% target
+    assert math.isclose(rows.loc["output_throughput", "relative_error"], 1 / 1.04 - 1)
+    assert not bool(rows.loc["output_throughput", "within_target"])
+    with pytest.raises(ValueError, match="no run in common"):
+        compare({"a": summary(1.0)}, {"b": summary(1.0)})
+
+
+def test_cli_on_result_directories(tmp_path: Path):
+    from tests.test_sim import synthetic_profile
+
+    profile = tmp_path / "llama-1b.json"
+    synthetic_profile("llama-1b").save(profile)
+    out = tmp_path / "runs"
+    harness(
+        out,
+        "executor.engine=sim",
+        f"executor.profile={profile}",
+        "model=llama-1b",
+        "workload.num_requests=40",
+        "progress=false",
+    )
+    run = only_dir(out / "default")
+    report = tmp_path / "report"
+    assert main([str(run), str(run), "--out", str(report)]) == 0
+    table = pd.read_csv(report / "fidelity.csv")
+    assert len(table) == len(TARGETS) and (table["relative_error"] == 0).all()
+    assert (report / "fidelity.png").stat().st_size > 0
+    assert main([str(tmp_path / "missing"), str(run)]) == 2

@@ -1,0 +1,252 @@
+"""The simulated engine: step features, cost models, the sim LLM, and the same executor and
+policies as the real engine (same schedule, step for step, given the same step times)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.clock import VirtualClock
+from engine.models import model_shape
+from engine.scheduler import SchedulerOutput
+from engine.sim import LinearCostModel, Profile, RooflineCostModel, StepFeatures
+from engine.sim.cost_model import DECODE_TERMS, MIXED_TERMS
+from tests.scenario import make_request
+
+# A step-time law to generate profiles from (seconds): decode-only steps and steps with
+# context tokens each have their own coefficients, as in LinearCostModel.
+DECODE = {"intercept": 2e-3, "num_decode_seqs": 1e-5, "decode_kv_tokens": 2e-8}
+MIXED = {
+    "intercept": 4e-3,
+    "num_context_tokens": 3e-6,
+    "context_attention": 1e-9,
+    "num_context_seqs": 5e-5,
+    "num_decode_seqs": 1e-5,
+    "decode_kv_tokens": 2e-8,
+}
+
+
+def law(features: StepFeatures) -> float:
+    return LinearCostModel(DECODE, MIXED).predict(features)
+
+
+def synthetic_profile(model: str, free_bytes_for_kv: int | None = 2**30) -> Profile:
+    """A profile whose steps follow ``law`` exactly (a stand-in for a measured one)."""
+    shapes = [
+        StepFeatures(num_decode_seqs=b, decode_kv_tokens=b * c)
+        for b in (1, 8, 64)
+        for c in (100, 1000)
+    ]
+    shapes += [
+        StepFeatures(
+            num_context_seqs=s,
+            num_context_tokens=t,
+            context_attention=t * (t / s + 1) / 2,
+            num_decode_seqs=r,
+            decode_kv_tokens=r * 500,
+        )
+        for s, t, r in (
+            (1, 64, 0),
+            (4, 512, 0),
+            (1, 2048, 16),
+            (16, 4096, 0),
+            (2, 256, 64),
+            (1, 8192, 0),
+            (8, 1024, 128),
+        )
+    ]
+    return Profile(
+        model=model,
+        device="Synthetic GPU",
+        dtype="bfloat16",
+        steps=[{**f.as_dict(), "seconds": law(f)} for f in shapes],
+        memory={"free_bytes_for_kv": free_bytes_for_kv} if free_bytes_for_kv else {},
+    )
+
+
+def test_step_features_of_a_batch():
+    """A context chunk of 5 after 3 computed tokens, a whole 4-token prompt, two decodes."""
+    chunked = make_request(0, list(range(10, 20)))
+    chunked.num_computed_tokens, chunked.context_chunk_size = 3, 5
+    whole = make_request(1, [5, 6, 7, 8])
+    whole.context_chunk_size = 4
+    decodes = []
+    for i, (prompt, out) in enumerate((([1, 2, 3], [4, 5]), ([9] * 7, [3]))):
+        request = make_request(2 + i, prompt)
+        request.output_token_ids = list(out)
+        request.num_computed_tokens = request.num_tokens - 1
+        decodes.append(request)
+    batch = SchedulerOutput(context_requests=[chunked, whole], generation_requests=decodes)
+    features = StepFeatures.of(batch)
+    assert features == StepFeatures(
+        num_context_seqs=2,
+        num_context_tokens=9,
+        context_attention=5 * (3 + 3) + 4 * (0 + 2.5),  # chunk * (computed + (chunk + 1) / 2)
+        num_decode_seqs=2,
+        decode_kv_tokens=5 + 8,
+    )
+    assert features.num_tokens == 11 and not features.is_decode_only
+
+
+def test_linear_fit_recovers_the_law():
+    profile = synthetic_profile("llama-8b")
+    model = profile.cost_model()
+    for term, value in DECODE.items():
+        assert math.isclose(model.decode[term], value, rel_tol=1e-6, abs_tol=1e-12), term
+    for term, value in MIXED.items():
+        assert math.isclose(model.mixed[term], value, rel_tol=1e-6, abs_tol=1e-12), term
+    unseen = StepFeatures(num_decode_seqs=200, decode_kv_tokens=200 * 3000)
+    assert math.isclose(model.predict(unseen), law(unseen), rel_tol=1e-9)
+
+
+def test_linear_fit_needs_enough_steps_of_each_kind():
+    samples = synthetic_profile("llama-8b").samples()
+    decode_only = [s for s in samples if s[0].is_decode_only]
+    with pytest.raises(ValueError, match=f"at least {len(MIXED_TERMS)} context steps"):
+        LinearCostModel.fit(decode_only)
+    with pytest.raises(ValueError, match=f"at least {len(DECODE_TERMS)} decode-only steps"):
+        LinearCostModel.fit([s for s in samples if not s[0].is_decode_only])
+    with pytest.raises(ValueError, match="must be positive"):
+        LinearCostModel.fit([(decode_only[0][0], 0.0), *samples])
+
+
+def test_roofline_by_hand():
+    model = RooflineCostModel(
+        num_params=1e9,
+        weight_bytes=2e9,
+        kv_bytes_per_token=1e5,
+        attention_flops_per_pair=1e4,
+        bandwidth=1e12,
+        flops=1e14,
+        overhead=1e-3,
+    )
+    # 64 decodes at 1,000 tokens: weights 2 ms (GEMMs 2*1e9*64/1e14 = 1.28 ms is below), KV 6.4 ms
+    decode = StepFeatures(num_decode_seqs=64, decode_kv_tokens=64_000)
+    assert math.isclose(model.predict(decode), 1e-3 + 2e-3 + 6.4e-3)
+    # 8,192 prompt tokens: GEMMs 2*1e9*8192/1e14 = 163.84 ms; attention 1e7 pairs * 1e4 / 1e14
+    prefill = StepFeatures(num_context_seqs=1, num_context_tokens=8192, context_attention=1e7)
+    assert math.isclose(model.predict(prefill), 1e-3 + 0.16384 + 1e-3)
+
+
+def sim_llm(profile: Profile, **kwargs) -> LLM:
+    kwargs.setdefault("kv_cache_manager", dict(tokens_per_block=16))
+    return LLM(profile.model, engine="sim", cost_model=profile, **kwargs)
+
+
+def test_sim_pool_counts_blocks_from_the_profile_memory():
+    profile = synthetic_profile("llama-1b", free_bytes_for_kv=2**30)
+    llm = sim_llm(profile, kv_cache_manager=dict(tokens_per_block=16, free_gpu_memory_fraction=0.5))
+    shape = model_shape("llama-1b")
+    bytes_per_block = 16 * shape.kv_elements_per_token * 2  # bf16
+    assert llm.kv_cache_manager.num_blocks == (2**30 // 2) // bytes_per_block
+    assert llm.kv_cache_manager.kv_pool.device.type == "meta"  # counted, not allocated
+    with pytest.raises(ValueError, match="simulated pool needs a size"):
+        sim_llm(synthetic_profile("llama-1b", free_bytes_for_kv=None))
+    sized = sim_llm(
+        synthetic_profile("llama-1b", None),
+        kv_cache_manager=dict(tokens_per_block=16, max_tokens=4096),
+    )
+    assert sized.kv_cache_manager.num_blocks == 4096 // 16
+
+
+def test_sim_llm_setup_errors(tmp_path: Path):
+    with pytest.raises(ValueError, match="needs a cost_model"):
+        LLM("llama-1b", engine="sim")
+    with pytest.raises(ValueError, match="of model 'llama-1b', not 'llama-8b'"):
+        LLM("llama-8b", engine="sim", cost_model=synthetic_profile("llama-1b"))
+    with pytest.raises(ValueError, match="engine must be one of"):
+        LLM("llama-1b", engine="vidur")
+    with pytest.raises(ValueError, match="no such profile file"):
+        LLM("llama-1b", engine="sim", cost_model=tmp_path / "missing.json")
+    path = tmp_path / "p.json"
+    synthetic_profile("llama-1b").save(path)
+    assert LLM("llama-1b", engine="sim", cost_model=path).profile.device == "Synthetic GPU"
+
+
+def reference_prompts(num: int, vocab: int = 30000) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(128, 1024, (num,), generator=g)
+    return [torch.randint(10, vocab, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def test_sim_is_deterministic_and_times_follow_the_law():
+    profile = synthetic_profile("llama-8b")
+    prompts = reference_prompts(64)
+    params = [SamplingParams(max_new_tokens=16 + i % 40, ignore_eos=True) for i in range(64)]
+    arrivals = [0.05 * i for i in range(64)]
+    runs = []
+    for _ in range(2):
+        llm = sim_llm(profile, capacity_scheduler="max_utilization")
+        outputs = llm.generate(prompts, params, arrival_times=arrivals)
+        runs.append(([o.metrics for o in outputs], llm.executor.iteration_stats))
+    assert runs[0][0] == runs[1][0]
+    assert [s.step_latency for s in runs[0][1]] == [s.step_latency for s in runs[1][1]]
+    outputs_lengths = [len(o.token_ids) for o in outputs]
+    assert outputs_lengths == [p.max_new_tokens for p in params]
+    # Every step lasted what the law says for its batch, on the virtual clock.
+    for stats in runs[0][1]:
+        features = StepFeatures(
+            num_context_seqs=stats.num_context_requests,
+            num_context_tokens=stats.num_context_tokens,
+            num_decode_seqs=stats.num_generation_requests,
+        )
+        assert stats.step_latency >= law(features) - 1e-12
+
+
+def test_sim_and_real_engines_schedule_identically():
+    """Same policies, same workload, the same time per step: the sim engine and the real model
+    (CPU, float32) make the same decisions step for step, preemptions and prefix hits included.
+    The real engine's clock ticks by a constant after each step; the sim's cost model predicts
+    the same constant, so both clocks agree on every arrival."""
+    step = 0.01
+
+    class Constant(LinearCostModel):
+        def predict(self, features: StepFeatures) -> float:
+            return step
+
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(3, 259, (16,), generator=g).tolist()
+    prompts = [
+        system + torch.randint(3, 259, (int(n),), generator=g).tolist()
+        for n in (9, 30, 4, 22, 15, 40)
+    ]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (12, 5, 20, 9, 14, 7)]
+    arrivals = [0.0, 0.0, 0.015, 0.03, 0.031, 0.08]
+    config = dict(
+        capacity_scheduler="max_utilization",
+        microbatch_scheduler=dict(max_batch_size=4, max_num_tokens=24, chunking="equal_progress"),
+        kv_cache_manager=dict(tokens_per_block=4, num_blocks=22, enable_block_reuse=True),
+    )
+    real = LLM(
+        "llama-tiny", device="cpu", dtype="float32", clock=VirtualClock(step_time=step), **config
+    )
+    real_out = real.generate(prompts, params, arrival_times=arrivals)
+    sim = LLM("llama-tiny", engine="sim", cost_model=Constant({}, {}), **config)
+    sim_out = sim.generate(prompts, params, arrival_times=arrivals)
+
+    def schedule(llm):
+        return [
+            (
+                s.num_context_requests,
+                s.num_context_tokens,
+                s.num_generation_requests,
+                s.num_paused_requests,
+                s.kv_used_blocks,
+            )
+            for s in llm.executor.iteration_stats
+        ]
+
+    assert schedule(sim) == schedule(real)
+    assert sum(o.metrics.num_preemptions for o in real_out) > 0
+    assert sum(o.metrics.num_cached_tokens for o in real_out) > 0
+    for r, s in zip(real_out, sim_out, strict=True):
+        assert len(s.token_ids) == len(r.token_ids)
+        assert s.metrics.num_preemptions == r.metrics.num_preemptions
+        assert s.metrics.num_cached_tokens == r.metrics.num_cached_tokens
+        # the real clock stamps tokens at the step's start, the sim's at its end
+        assert math.isclose(s.metrics.first_token_time, r.metrics.first_token_time + step)
+        assert math.isclose(s.metrics.finish_time, r.metrics.finish_time + step)
