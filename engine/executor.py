@@ -21,7 +21,7 @@ from engine.model_engine import ModelEngine
 from engine.request import FinishReason, Request, RequestState
 from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.stats import IterationStats
+from engine.stats import IterationLog, IterationStats
 
 # Steps in a row that schedule nothing while requests hold KV before the executor gives up: a
 # policy that keeps doing so would otherwise spin forever.
@@ -47,11 +47,14 @@ class PyExecutor:
         self.eos_token_id = eos_token_id
         self.active_requests: list[Request] = []  # arrived, unfinished, in arrival order
         self.finished_requests: list[Request] = []
-        self.iteration_stats: list[IterationStats] = []
+        self.iteration_stats = IterationLog()  # a list of IterationStats, stored by column
         self._arrivals: list[tuple[float, int, Request]] = []  # heap by arrival time
         self._arrival_order = itertools.count()
         self._num_iterations = 0
         self._num_idle_steps = 0
+        # Optional: called after each non-empty step to advance the steps that repeat it
+        # (the simulated engine's engine.sim.fast_forward_decodes).
+        self.decode_run: Callable[[PyExecutor, SchedulerOutput], int] | None = None
 
     # ---- requests in ----------------------------------------------------------------------
     def enqueue_requests(self, requests: Iterable[Request]) -> None:
@@ -75,8 +78,9 @@ class PyExecutor:
         if num_prompt == 0:
             return "empty prompt"
         vocab_size = self.model_engine.vocab_size
-        bad = next((t for t in request.prompt_token_ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
+        prompt = request.prompt_token_ids
+        if min(prompt) < 0 or max(prompt) >= vocab_size:  # C-speed scan; find the culprit after
+            bad = next(t for t in prompt if not 0 <= t < vocab_size)
             return f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})"
         max_seq_len = self.model_engine.max_seq_len
         if request.max_num_tokens > max_seq_len:
@@ -174,6 +178,8 @@ class PyExecutor:
             len(finished),
         )
         self.clock.tick()
+        if self.decode_run is not None and not batch.is_empty:
+            self.decode_run(self, batch)
         return stats
 
     def _finish_reason(self, request: Request, token_id: int) -> FinishReason | None:

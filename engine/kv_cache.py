@@ -73,11 +73,16 @@ class KVCacheManager(BaseResourceManager):
     - ``free_resources(request)``: drop the request's references; blocks no one holds return to
       the free list (cached ones stay findable until evicted, least recently used first).
     - ``free + used == max`` at all times (``check_integrity``).
+    - ``steady_decode``: declare True if, for decoding requests, ``prepare_resources`` changes
+      nothing unless a request's next token starts a block (it then allocates exactly one for
+      it) and ``update_resources`` changes nothing unless a step fills a block. The simulated
+      engine then calls them only on such steps (``engine.sim.fast_forward``).
     """
 
     tokens_per_block: int
     num_blocks: int
     enable_block_reuse: bool
+    steady_decode: bool = False
 
     # ---- for schedulers ---------------------------------------------------------------------
     @property

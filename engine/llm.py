@@ -24,6 +24,7 @@ from engine.model_engine import TorchModelEngine
 from engine.request import Request, SamplingParams
 from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler
+from engine.sim.fast_forward import fast_forward_decodes, is_steady
 from policies import registry
 
 ENGINES = ("torch", "sim")
@@ -121,7 +122,9 @@ class LLM:
     ``engine.sim.Profile``, a profile file, or any ``engine.sim.CostModel``) on a
     ``VirtualClock``; the KV pool only counts blocks (sized by the manager's ``num_blocks`` /
     ``max_tokens``, or ``free_gpu_memory_fraction`` of the profile's free memory). Outputs
-    are placeholder tokens; lengths follow ``max_new_tokens``.
+    are placeholder tokens; lengths follow ``max_new_tokens``. ``sim_fast_forward``: advance runs
+    of identical decode steps in one go (exact; only with policies that declare
+    ``steady_decode``, see ``engine.sim.fast_forward``).
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class LLM:
         cuda_graph_batch_sizes: Sequence[int] | None = None,
         engine: str = "torch",
         cost_model: Any = None,
+        sim_fast_forward: bool = True,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -156,6 +160,8 @@ class LLM:
         resource_manager = ResourceManager(self.kv_cache_manager)
         if engine == "sim":
             self._init_sim(model, dtype, cost_model, clock, scheduler, resource_manager)
+            if sim_fast_forward and is_steady(self.executor):
+                self.executor.decode_run = fast_forward_decodes
         else:
             self._init_torch(
                 model,

@@ -87,9 +87,14 @@ class CapacityScheduler(ABC):
       resource manager allocates for the scheduled ones; a policy that over-admits makes that
       allocation fail loudly.
     - Must not change requests: the executor applies pauses.
+    - ``steady_decode``: declare True if, when every active request is started and decoding,
+      none waits, and the free blocks cover every block the next step needs, ``schedule``
+      returns all of them and pauses none. The simulated engine then skips scheduling such
+      steps (``engine.sim.fast_forward``); False (the default) always schedules.
     """
 
     max_num_requests: int
+    steady_decode: bool = False
 
     @abstractmethod
     def schedule(
@@ -108,10 +113,13 @@ class MicroBatchScheduler(ABC):
       generation request ``<= max_num_tokens`` (when set).
     - Requests whose id is in ``inflight_request_ids`` (still running in another micro-batch)
       are skipped.
+    - ``steady_decode``: declare True if decoding requests that were all scheduled in one step
+      are all scheduled again, in the same order, in the next (see ``CapacityScheduler``).
     """
 
     max_batch_size: int
     max_num_tokens: int | None
+    steady_decode: bool = False
 
     @abstractmethod
     def schedule(

@@ -125,6 +125,14 @@ def requests_frame(requests: Sequence[Request]) -> pd.DataFrame:
 
 def iterations_frame(stats: Sequence[IterationStats]) -> pd.DataFrame:
     """One row per executor step (``IterationStats.as_row()``), columns ``ITERATION_COLUMNS``."""
+    if hasattr(stats, "columns"):  # an IterationLog: its arrays, no row objects
+        frame = pd.DataFrame({name: np.asarray(col) for name, col in stats.columns().items()})
+        max_blocks = frame["kv_max_blocks"].to_numpy()
+        used = frame["kv_used_blocks"].to_numpy()
+        frame["kv_utilization"] = np.divide(
+            used, max_blocks, out=np.zeros(len(frame)), where=max_blocks > 0
+        )
+        return frame[list(ITERATION_COLUMNS)]
     # Column by column: a simulated run has millions of rows, too many for a dict each.
     columns = {}
     for name in ITERATION_COLUMNS:

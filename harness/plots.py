@@ -76,13 +76,25 @@ def _cdf(ax: Axes, values: np.ndarray, **kw) -> bool:
     return True
 
 
+# More steps than this are drawn binned (a simulated hour-long trace has over a million).
+MAX_STEPS_DRAWN = 20_000
+
+
 def _over_time(ax: Axes, iterations: pd.DataFrame, values, **kw) -> None:
     """Each step's value held from the step's start to its end (start + step_latency), so the
-    last step is drawn with its width rather than as a bare vertical edge."""
+    last step is drawn with its width rather than as a bare vertical edge. Past
+    ``MAX_STEPS_DRAWN`` steps, time is cut into that many equal bins, each drawn at the largest
+    value of its steps (peaks stay visible; a bin without a step holds the previous value)."""
     t = iterations["time"].to_numpy(dtype=float)
     y = np.asarray(values, dtype=float)
     last = float(iterations["step_latency"].iloc[-1]) if "step_latency" in iterations else 0.0
-    ax.step(np.append(t, t[-1] + last), np.append(y, y[-1]), where="post", **kw)
+    end = t[-1] + last
+    if len(t) > MAX_STEPS_DRAWN and end > t[0]:
+        edges = np.linspace(t[0], end, MAX_STEPS_DRAWN + 1)
+        bins = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, MAX_STEPS_DRAWN - 1)
+        peaks = pd.Series(y).groupby(bins).max().reindex(range(MAX_STEPS_DRAWN)).ffill()
+        t, y = edges[:-1], peaks.to_numpy()
+    ax.step(np.append(t, end), np.append(y, y[-1]), where="post", **kw)
 
 
 def _log_if_wide(ax: Axes, values: np.ndarray) -> None:

@@ -268,3 +268,26 @@ def test_parse_overrides():
     assert results.parse_overrides(
         ["a.rate=4", "b=0.5", "+c=x", "++d=1e3", "~e", "f=inf", "g=-2", "h=a=b"]
     ) == {"a.rate": 4, "b": 0.5, "c": "x", "d": 1000.0, "f": float("inf"), "g": -2, "h": "a=b"}
+
+
+def test_long_runs_are_drawn_binned(tmp_path):
+    """A million-step (simulated) run draws MAX_STEPS_DRAWN bins at their peaks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    from harness.plots import MAX_STEPS_DRAWN, _over_time
+
+    n = 3 * MAX_STEPS_DRAWN
+    iterations = pd.DataFrame({"time": np.arange(n) * 0.01, "step_latency": np.full(n, 0.01)})
+    values = np.zeros(n)
+    values[12345] = 7.0  # one spike survives the binning
+    fig, ax = plt.subplots()
+    _over_time(ax, iterations, values)
+    x, y = ax.lines[0].get_data()
+    assert len(x) == MAX_STEPS_DRAWN + 1 and y.max() == 7.0
+    assert x[0] == 0.0 and np.isclose(x[-1], n * 0.01)
+    plt.close(fig)

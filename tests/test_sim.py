@@ -250,3 +250,123 @@ def test_sim_and_real_engines_schedule_identically():
         # the real clock stamps tokens at the step's start, the sim's at its end
         assert math.isclose(s.metrics.first_token_time, r.metrics.first_token_time + step)
         assert math.isclose(s.metrics.finish_time, r.metrics.finish_time + step)
+
+
+# ---- fast-forward: runs of identical decode steps advanced in one go must change nothing ----
+from dataclasses import astuple, fields  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from engine.stats import IterationStats  # noqa: E402
+
+HOST_TIME_FIELDS = {"scheduling_time", "forward_time", "input_prep_time"}  # wall, not simulated
+
+
+def stats_rows(llm: LLM) -> list[tuple]:
+    keep = [i for i, f in enumerate(fields(IterationStats)) if f.name not in HOST_TIME_FIELDS]
+    return [tuple(astuple(s)[i] for i in keep) for s in llm.executor.iteration_stats]
+
+
+def request_rows(outputs) -> list[tuple]:
+    return [
+        (
+            len(o.token_ids),
+            o.metrics.first_token_time,
+            o.metrics.finish_time,
+            o.metrics.num_preemptions,
+            o.metrics.num_cached_tokens,
+            o.finish_reason,
+        )
+        for o in outputs
+    ]
+
+
+@st.composite
+def sim_cases(draw):
+    num = draw(st.integers(1, 12))
+    prompt_lens = draw(st.lists(st.integers(1, 60), min_size=num, max_size=num))
+    out_lens = draw(st.lists(st.integers(1, 40), min_size=num, max_size=num))
+    gaps = draw(st.lists(st.floats(0, 0.2), min_size=num, max_size=num))
+    shared = draw(st.integers(0, 24))  # a shared system prefix, for block reuse
+    config = dict(
+        capacity_scheduler=draw(
+            st.sampled_from(["guaranteed_no_evict", "max_utilization", "static_batch"])
+        ),
+        microbatch_scheduler=dict(
+            max_batch_size=draw(st.integers(1, 8)),
+            max_num_tokens=draw(st.sampled_from([64, 128, None])),
+            chunking=draw(st.sampled_from([None, "first_come_first_served", "equal_progress"])),
+        ),
+        kv_cache_manager=dict(
+            tokens_per_block=draw(st.sampled_from([1, 2, 4, 16])),
+            max_tokens=draw(st.sampled_from([128, 256, 2048])),
+            enable_block_reuse=draw(st.booleans()),
+        ),
+    )
+    return prompt_lens, out_lens, gaps, shared, config
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=sim_cases())
+def test_fast_forward_changes_nothing(case):
+    prompt_lens, out_lens, gaps, shared, config = case
+    if config["microbatch_scheduler"]["max_num_tokens"] is None:
+        config["microbatch_scheduler"]["chunking"] = None
+    prompts = [
+        [7] * shared + [10 + (i * 31 + j) % 200 for j in range(n)]
+        for i, n in enumerate(prompt_lens)
+    ]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in out_lens]
+    arrivals = [sum(gaps[: i + 1]) for i in range(len(gaps))]
+    profile = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
+    runs = []
+    for fast in (False, True):
+        llm = LLM("llama-tiny", engine="sim", cost_model=profile, sim_fast_forward=fast, **config)
+        assert (llm.executor.decode_run is not None) == fast
+        outputs = llm.generate(prompts, params, arrival_times=arrivals)
+        llm.kv_cache_manager.check_integrity()
+        assert llm.kv_cache_manager.num_free_blocks == llm.kv_cache_manager.num_blocks
+        runs.append((request_rows(outputs), stats_rows(llm), [o.token_ids for o in outputs]))
+    assert runs[1] == runs[0]
+
+
+def test_fast_forward_skips_most_steps_of_a_light_load():
+    """The point of it: a light load is mostly repeated decode steps."""
+    profile = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
+    prompts = reference_prompts(40, vocab=250)
+    prompts = [p[:100] for p in prompts]
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+    arrivals = [0.5 * i for i in range(40)]
+    llm = LLM(
+        "llama-tiny", engine="sim", cost_model=profile, kv_cache_manager=dict(max_tokens=8192)
+    )
+    calls = []
+    run = llm.executor.decode_run
+
+    def counting(executor, batch):
+        calls.append(run(executor, batch))
+        return calls[-1]
+
+    llm.executor.decode_run = counting
+    llm.generate(prompts, params, arrival_times=arrivals)
+    num_steps = len(llm.executor.iteration_stats)
+    assert sum(calls) > 0.8 * num_steps
+
+
+def test_linear_fit_keeps_every_coefficient_non_negative():
+    """Noisy or collinear steps would pull a least-squares coefficient below zero (and a long
+    batch would then be predicted to take no time): such terms are dropped instead."""
+    decode = [
+        StepFeatures(num_decode_seqs=b, decode_kv_tokens=b * c)
+        for b in (1, 4, 16)
+        for c in (10, 100)
+    ]
+    # time falls with KV tokens in this (made-up) data: the kv coefficient would be negative
+    samples = [(f, 0.01 + 1e-4 * f.num_decode_seqs - 1e-7 * f.decode_kv_tokens) for f in decode]
+    samples += [s for s in synthetic_profile("llama-8b").samples() if not s[0].is_decode_only]
+    model = LinearCostModel.fit(samples)
+    assert all(c >= 0 for c in model.decode.values())
+    assert model.decode["decode_kv_tokens"] == 0.0
+    big = StepFeatures(num_decode_seqs=256, decode_kv_tokens=256 * 100_000)
+    assert model.predict(big) > 0

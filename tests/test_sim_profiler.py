@@ -65,7 +65,8 @@ def rows(profile: Profile, kind: str) -> list[dict]:
 def test_grids_have_points_of_every_kind_within_the_engine_limits():
     assert GRID.num_points() == {"decode": 6, "prefill": 4, "mixed": 4, "chunked": 2}
     full = ProfileGrid.full(256, 8192)
-    assert full.num_points() == {"decode": 36, "prefill": 21, "mixed": 6, "chunked": 3}
+    assert full.num_points() == {"decode": 36, "prefill": 21, "mixed": 12, "chunked": 3}
+    assert full.mixed_contexts == (512, 2048)  # two KV lengths: decode rows vs KV bytes
     assert full.mixed_decodes == (16, 64)  # 256 decodes leave no slot for the prefill
     smaller = ProfileGrid.full(max_batch_size=64, max_num_tokens=2048)
     assert max(smaller.decode_batch_sizes) == 64 and max(smaller.prefill_tokens) == 2048
@@ -105,7 +106,7 @@ def test_prefill_points_prefill_T_tokens_over_S_fresh_sequences(profiled):
 def test_mixed_and_chunked_points_carry_decodes_or_a_prefix(profiled):
     _, profile = profiled
     mixed = rows(profile, "mixed")
-    context = GRID.mixed_context
+    context = GRID.mixed_contexts[0]
     assert {(r["num_decode_seqs"], r["num_context_tokens"]) for r in mixed} == {
         (2, 8),
         (2, 32),
@@ -177,7 +178,7 @@ def test_points_that_cannot_run_are_skipped_and_reported(profiled):
         prefill_tokens=(128,),  # > max_num_tokens
         prefill_seqs=(1,),
         mixed_decodes=(8,),  # no batch slot left for the prefill
-        mixed_context=16,
+        mixed_contexts=(16,),
         mixed_prefill_tokens=(8,),
         chunked_prefix=12,  # not a multiple of the chunk unit (8)
         chunked_tokens=(8,),
@@ -195,7 +196,7 @@ def test_points_that_cannot_run_are_skipped_and_reported(profiled):
 def test_a_step_of_another_shape_stops_profiling():
     # static_batch admits no request while others decode: the mixed step is decode-only.
     llm = tiny_llm(capacity_scheduler="static_batch")
-    grid = ProfileGrid(mixed_decodes=(2,), mixed_context=16, mixed_prefill_tokens=(8,))
+    grid = ProfileGrid(mixed_decodes=(2,), mixed_contexts=(16,), mixed_prefill_tokens=(8,))
     with pytest.raises(ProfileShapeError, match=r"mixed R=2 T=8.*num_context_tokens=0"):
         profile_engine(llm, grid, repeats=1, progress=False)
 

@@ -20,7 +20,8 @@ Two models, one interface (``CostModel.predict``):
 - ``LinearCostModel``: least squares over a profile of the real engine, fitted separately for
   decode-only steps (CUDA graphs: one launch, linear in rows and KV bytes) and steps that carry
   context tokens (eager: FLOP-bound), each as a weighted sum of the features above plus an
-  intercept (launch and host overhead), weighted to minimise the relative error.
+  intercept (launch and host overhead), weighted to minimise the relative error, with no
+  coefficient below zero.
 """
 
 from __future__ import annotations
@@ -168,5 +169,20 @@ def _least_squares(
     weighted = design / seconds[:, None]
     norms = np.linalg.norm(weighted, axis=0)
     norms[norms == 0] = 1.0
-    solution, *_ = np.linalg.lstsq(weighted / norms, np.ones(len(samples)), rcond=None)
-    return {term: float(c) for term, c in zip(terms, solution / norms, strict=True)}
+    # No term may cost negative time (noise or collinear terms can push a least-squares
+    # coefficient below zero, and a large batch would then be predicted to take no time): drop
+    # the most negative term and refit until none is left (a simple non-negative least squares).
+    active = list(range(len(terms)))
+    while True:
+        solution, *_ = np.linalg.lstsq(
+            weighted[:, active] / norms[active], np.ones(len(samples)), rcond=None
+        )
+        coefficients = solution / norms[active]
+        worst = int(np.argmin(coefficients))
+        if coefficients[worst] >= 0 or len(active) == 1:
+            break
+        del active[worst]
+    fitted = dict.fromkeys(terms, 0.0)
+    for index, value in zip(active, coefficients, strict=True):
+        fitted[terms[index]] = float(value)
+    return fitted

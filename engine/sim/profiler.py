@@ -69,7 +69,8 @@ class ProfileGrid:
 
     ``decode_batch_sizes`` x ``decode_contexts``; ``prefill_tokens`` x ``prefill_seqs`` (S <= T,
     the T tokens split as evenly as possible); ``mixed_decodes`` x ``mixed_prefill_tokens`` at
-    KV length ``mixed_context``; ``chunked_tokens`` behind a prefix of ``chunked_prefix`` tokens
+    each KV length of ``mixed_contexts`` (two, so the fit can tell decode rows from KV bytes in
+    a mixed step); ``chunked_tokens`` behind a prefix of ``chunked_prefix`` tokens
     (0: no chunked points).
     """
 
@@ -78,7 +79,7 @@ class ProfileGrid:
     prefill_tokens: tuple[int, ...] = ()
     prefill_seqs: tuple[int, ...] = ()
     mixed_decodes: tuple[int, ...] = ()
-    mixed_context: int = 1024
+    mixed_contexts: tuple[int, ...] = (1024,)
     mixed_prefill_tokens: tuple[int, ...] = ()
     chunked_prefix: int = 0
     chunked_tokens: tuple[int, ...] = ()
@@ -95,8 +96,8 @@ class ProfileGrid:
             lowest = 0 if f.name == "chunked_prefix" else 1
             if not all(isinstance(v, int) and v >= lowest for v in values):
                 raise ValueError(f"ProfileGrid.{f.name} must hold integers >= {lowest}: {value!r}")
-        if self.mixed_decodes and self.mixed_context < 2:
-            raise ValueError(f"ProfileGrid.mixed_context must be >= 2, got {self.mixed_context}")
+        if self.mixed_decodes and min(self.mixed_contexts, default=0) < 2:
+            raise ValueError(f"ProfileGrid.mixed_contexts must be >= 2: {self.mixed_contexts}")
         if min(self.decode_contexts, default=2) < 2:
             raise ValueError(f"ProfileGrid.decode_contexts must be >= 2: {self.decode_contexts}")
 
@@ -116,7 +117,9 @@ class ProfileGrid:
         return {
             "decode": len(self.decode_batch_sizes) * len(self.decode_contexts),
             "prefill": len(self.prefill_points),
-            "mixed": len(self.mixed_decodes) * len(self.mixed_prefill_tokens),
+            "mixed": len(self.mixed_decodes)
+            * len(self.mixed_contexts)
+            * len(self.mixed_prefill_tokens),
             "chunked": len(self.chunked_points),
         }
 
@@ -140,7 +143,7 @@ class ProfileGrid:
             prefill_seqs=(1, 4, 16),
             # One batch slot is the prefill's.
             mixed_decodes=tuple(r for r in (16, 64, 256) if r <= max_batch_size - 1),
-            mixed_context=1024,
+            mixed_contexts=(512, 2048),
             mixed_prefill_tokens=mixed_tokens,
             chunked_prefix=2048,
             chunked_tokens=mixed_tokens,
@@ -155,7 +158,7 @@ class ProfileGrid:
             prefill_tokens=(8, 32),
             prefill_seqs=(1, 4),
             mixed_decodes=(2, 4),
-            mixed_context=32,
+            mixed_contexts=(32,),
             mixed_prefill_tokens=(8, 32),
             chunked_prefix=32,
             chunked_tokens=(8, 32),
@@ -304,7 +307,8 @@ class _Profiler:
                 self._decode_group(context)
             self._prefill_group()
             for num_decodes in self.grid.mixed_decodes:
-                self._mixed_group(num_decodes)
+                for context in self.grid.mixed_contexts:
+                    self._mixed_group(num_decodes, context)
             self._chunked_group()
 
     def _warm_up(self) -> None:
@@ -396,12 +400,11 @@ class _Profiler:
         if self.grid.prefill_points:
             self._log(f"prefill: {measured} points ({time.perf_counter() - started:.1f} s)")
 
-    def _mixed_group(self, num_decodes: int) -> None:
-        """``num_decodes`` requests decoding at KV length ``mixed_context`` (set up once), and
-        per repetition one fresh prompt of T tokens that joins them for one step."""
+    def _mixed_group(self, num_decodes: int, context: int) -> None:
+        """``num_decodes`` requests decoding at KV length ``context`` (set up once), and per
+        repetition one fresh prompt of T tokens that joins them for one step."""
         started = time.perf_counter()
         limits = self.limits
-        context = self.grid.mixed_context
         timed_total = len(self.grid.mixed_prefill_tokens) * (self.warmup + self.repeats)
         new_tokens = limits.setup_steps(num_decodes, context) + timed_total + 2
         length = context - 1 + new_tokens

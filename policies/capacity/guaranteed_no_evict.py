@@ -24,6 +24,8 @@ def check_max_num_requests(value: int) -> int:
 
 
 class GuaranteedNoEvictScheduler(CapacityScheduler):
+    steady_decode = True  # see the base class: the simulated engine may skip repeated steps
+
     def __init__(self, max_num_requests: int = 256):
         self.max_num_requests = check_max_num_requests(max_num_requests)
 

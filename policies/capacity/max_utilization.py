@@ -23,6 +23,8 @@ from policies.capacity.guaranteed_no_evict import check_max_num_requests
 
 
 class MaxUtilizationScheduler(CapacityScheduler):
+    steady_decode = True  # see the base class: the simulated engine may skip repeated steps
+
     def __init__(self, max_num_requests: int = 256):
         self.max_num_requests = check_max_num_requests(max_num_requests)
 

@@ -54,6 +54,8 @@ class PagedKVCacheManager(KVCacheManager):
         enable_block_reuse: share cached full prefix blocks between requests.
     """
 
+    steady_decode = True  # see the base class: the simulated engine may skip repeated steps
+
     def __init__(
         self,
         tokens_per_block: int = 32,

@@ -21,6 +21,8 @@ from policies.microbatch.chunking import CHUNKING_POLICIES, ChunkingPolicy, firs
 
 
 class TokenBudgetMicroBatchScheduler(MicroBatchScheduler):
+    steady_decode = True  # see the base class: the simulated engine may skip repeated steps
+
     def __init__(
         self,
         max_batch_size: int = 256,

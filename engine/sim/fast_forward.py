@@ -1,0 +1,162 @@
+"""Runs of identical decode steps, advanced in one go (the simulated engine's speed-up).
+
+At light load most simulated steps are the same few requests decoding, with nothing arriving,
+finishing or waiting: the executor would schedule the same batch again and again, paying ~70 µs
+of Python a step for a decision it already knows. ``fast_forward_decodes`` runs after such a step
+and replays the following steps without scheduling them, as long as every policy has declared
+that it repeats itself then (``steady_decode = True``: a decode-only batch holding every active
+request is scheduled again, unchanged, while no request arrives, finishes or waits and the free
+KV blocks cover the new ones). The result is exactly what stepping would give (tested): same
+token times, same iteration rows (host-time columns aside), same KV blocks::
+
+    step j of the run:  starts at t_j < next arrival;  no request finishes (the last token
+                        of the soonest one is left to a normal step);  the KV manager is
+                        called only on "event" steps, where some request's new token starts
+                        a block (allocation) or fills one (prefix-cache registration)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.sim.cost_model import StepFeatures
+from engine.sim.engine import PLACEHOLDER_TOKEN
+
+if TYPE_CHECKING:
+    from engine.executor import PyExecutor
+    from engine.scheduler import SchedulerOutput
+
+
+def is_steady(executor: PyExecutor) -> bool:
+    """Every policy of the executor declares ``steady_decode``."""
+    scheduler = executor.scheduler
+    return all(
+        getattr(part, "steady_decode", False)
+        for part in (
+            scheduler.capacity_scheduler,
+            scheduler.microbatch_scheduler,
+            executor.kv_cache_manager,
+        )
+    )
+
+
+def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
+    """After a normal step of ``batch``, advance the steps that would repeat it; returns how
+    many. Call only when ``is_steady(executor)`` and the engine is a ``SimModelEngine``."""
+    requests = batch.generation_requests
+    if (
+        batch.context_requests
+        or batch.paused_requests
+        or not requests
+        or len(requests) != len(executor.active_requests)
+    ):
+        return 0
+    # The soonest finish runs as a normal step (finishing, freeing).
+    max_steps = min(r.sampling_params.max_new_tokens - r.num_output_tokens for r in requests) - 1
+    if max_steps <= 0:
+        return 0
+    clock = executor.clock
+    next_arrival = executor._arrivals[0][0] if executor._arrivals else float("inf")
+    kv = executor.kv_cache_manager
+    tpb = kv.tokens_per_block
+
+    # Event steps: some request's token (at position num_tokens - 1 when scheduled) starts a
+    # block (num_tokens % tpb == 1) or its step fills one (num_tokens % tpb == 0).
+    is_event = bytearray(max_steps)
+    new_blocks = [0] * max_steps  # blocks allocated at each step, to stay within the free ones
+    starts_block = 1 % tpb  # with one token a block, every token starts (and fills) one
+    for request in requests:
+        start = request.num_tokens
+        for residue in {0, starts_block}:
+            for j in range((residue - start) % tpb, max_steps, tpb):
+                is_event[j] = 1
+                if residue == starts_block:
+                    new_blocks[j] += 1
+    num_free = kv.num_free_blocks
+
+    num_seqs = len(requests)
+    kv_tokens = sum(r.num_tokens for r in requests)
+    predict = executor.model_engine.cost_model.predict
+    pending_times: list[float] = []  # token times not yet applied to the requests
+    # Rows since the KV stats last changed, written to the log in one go (all their other
+    # columns are the same).
+    row_iterations: list[int] = []
+    row_times: list[float] = []
+    row_latencies: list[float] = []
+    stats = kv.get_kv_cache_stats()
+
+    def apply_tokens() -> None:
+        if not pending_times:
+            return
+        count = len(pending_times)
+        tokens = [PLACEHOLDER_TOKEN] * count
+        for request in requests:
+            request.output_token_ids += tokens
+            request.token_times += pending_times
+            request.num_computed_tokens += count
+        pending_times.clear()
+
+    def write_rows() -> None:
+        if not row_times:
+            return
+        executor.iteration_stats.append_run(
+            len(row_times),
+            {"iteration": row_iterations, "time": row_times, "step_latency": row_latencies},
+            {
+                "scheduling_time": 0.0,
+                "forward_time": 0.0,
+                "num_new_requests": 0,
+                "num_rejected_requests": 0,
+                "num_context_requests": 0,
+                "num_context_tokens": 0,
+                "num_generation_requests": num_seqs,
+                "num_paused_requests": 0,
+                "num_queued_requests": 0,
+                "num_active_requests": num_seqs,
+                "num_completed_requests": 0,
+                "kv_max_blocks": stats.max_num_blocks,
+                "kv_used_blocks": stats.used_num_blocks,
+                "kv_free_blocks": stats.free_num_blocks,
+                "kv_cache_hit_rate": stats.cache_hit_rate,
+                "num_running_requests": num_seqs,
+                "num_waiting_paused_requests": 0,
+                "input_prep_time": 0.0,
+            },
+        )
+        row_iterations.clear()
+        row_times.clear()
+        row_latencies.clear()
+
+    done = 0
+    while done < max_steps:
+        start = clock.now()
+        if start >= next_arrival:
+            break
+        if new_blocks[done] > num_free:  # the capacity policy might preempt: step normally
+            break
+        event = is_event[done]
+        if event:
+            apply_tokens()
+            executor.resource_manager.prepare_resources(batch)
+            num_free -= new_blocks[done]
+        seconds = predict(StepFeatures(num_decode_seqs=num_seqs, decode_kv_tokens=kv_tokens))
+        if not seconds > 0:
+            raise ValueError(f"the cost model predicted {seconds} s for a decode step")
+        clock.advance(seconds)
+        now = clock.now()
+        pending_times.append(now)
+        if event:
+            apply_tokens()
+            executor.resource_manager.update_resources(batch)
+            write_rows()  # the rows before this one saw the stats before this step
+            stats = kv.get_kv_cache_stats()
+        kv_tokens += num_seqs
+        row_iterations.append(executor._num_iterations)
+        row_times.append(start)
+        row_latencies.append(now - start)
+        executor._num_iterations += 1
+        clock.tick()
+        done += 1
+    apply_tokens()
+    write_rows()
+    return done
