@@ -9,6 +9,7 @@ outputs = llm.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=Tru
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler
 from engine.sim.fast_forward import fast_forward_decodes, is_steady
 from policies import registry
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("torch", "sim")
 
@@ -258,6 +261,8 @@ class LLM:
         if not isinstance(cost_model, CostModel):
             raise ValueError(f"cost_model must be a Profile, a path or a CostModel: {cost_model!r}")
         self.profile = profile
+        if profile is not None:
+            self._warn_beyond_profile(profile)
         self.model_name = str(model)
         self.tokenizer = load_tokenizer(model)
         self.device = torch.device("meta")  # nothing is allocated
@@ -279,6 +284,32 @@ class LLM:
         self.executor = PyExecutor(
             self.model_engine, SimDecoder(), scheduler, resource_manager, clock=clock
         )
+
+    def _warn_beyond_profile(self, profile) -> None:
+        """A run whose steps can be larger than any profiled one extrapolates its step times:
+        say so once, up front, naming the budgets (not an error: the fit may still be good)."""
+        samples = profile.samples()
+        most_seqs = max(f.num_decode_seqs + f.num_context_seqs for f, _ in samples)
+        most_tokens = max(f.num_tokens for f, _ in samples)
+        budgets = {
+            "max_batch_size": (
+                getattr(self.microbatch_scheduler, "max_batch_size", None),
+                most_seqs,
+            ),
+            "max_num_tokens": (
+                getattr(self.microbatch_scheduler, "max_num_tokens", None),
+                most_tokens,
+            ),
+        }
+        for name, (value, profiled) in budgets.items():
+            if value is None or value > profiled:
+                log.warning(
+                    "microbatch_scheduler.%s=%s is beyond the profile's largest step (%d): step "
+                    "times past it are extrapolated from the fit",
+                    name,
+                    value,
+                    profiled,
+                )
 
     def _memory_checkpoint(self, phase: str) -> None:
         if self.device.type == "cuda":

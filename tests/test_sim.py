@@ -370,3 +370,13 @@ def test_linear_fit_keeps_every_coefficient_non_negative():
     assert model.decode["decode_kv_tokens"] == 0.0
     big = StepFeatures(num_decode_seqs=256, decode_kv_tokens=256 * 100_000)
     assert model.predict(big) > 0
+
+
+def test_budgets_beyond_the_profile_are_reported(caplog):
+    profile = synthetic_profile("llama-1b")  # largest steps: 136 sequences; 8,192 tokens
+    with caplog.at_level("WARNING", logger="engine.llm"):
+        sim_llm(profile, microbatch_scheduler=dict(max_batch_size=64, max_num_tokens=8192))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="engine.llm"):
+        sim_llm(profile, microbatch_scheduler=dict(max_batch_size=256, max_num_tokens=8192))
+    assert "max_batch_size=256 is beyond the profile's largest step (136)" in caplog.text
