@@ -204,7 +204,9 @@ def run_preset(preset: str, args, bandwidth: float, flops: float) -> tuple[dict,
         "prompt_tokens": sum(map(len, prompts)),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "output_tok_s": {k: round(num_out / v, 1) for k, v in seconds.items()},
-        "speedup": {k: round(v / seconds["ours"], 2) for k, v in seconds.items() if k != "ours"},
+        "speedup": {
+            k: round(v / seconds["ours"], 2) for k, v in seconds.items() if not k.startswith("ours")
+        },
         "floor_s": round(floor, 3),
         "fraction_of_floor": round(floor / seconds["ours"], 3),
         "memory_gib": memory,
@@ -291,12 +293,15 @@ def main() -> None:
         result = {"bandwidth": bandwidth, "flops": flops, "peers": rows, "decode": decode_rows}
         Path(args.out, "peers.json").write_text(json.dumps(result, indent=1))
     peers = [p for p in ("hf_static", "hf_continuous") if p in rows[0]["seconds"]]
-    print("\npreset     ours s  " + "".join(f"{p + ' s':>16s}" for p in peers), end="")
+    again = "ours_again" in rows[0]["seconds"]
+    print("\npreset     ours s  out tok/s" + ("  again s" if again else ""), end="")
+    print("".join(f"{p + ' s':>16s}" for p in peers), end="")
     print("  floor s  " + "".join(f"{'x ' + p:>16s}" for p in peers) + "  of floor  extra GiB")
     for r in rows:
         s = r["seconds"]
         print(
-            f"{r['preset']:9s} {s['ours']:7.2f}  "
+            f"{r['preset']:9s} {s['ours']:7.2f}  {r['output_tok_s']['ours']:9.0f}"
+            + (f"  {s['ours_again']:7.2f}" if again else "")
             + "".join(f"{s[p]:16.2f}" for p in peers)
             + f"  {r['floor_s']:7.2f}  "
             + "".join(f"{r['speedup'][p]:16.1f}" for p in peers)
