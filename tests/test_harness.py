@@ -88,6 +88,30 @@ def test_every_experiment_runs_shrunk(tmp_path, experiment):
     assert "sweep results:" in proc.stdout
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_simulated_at_gpu_size(tmp_path, experiment):
+    """executor.engine=sim model=llama-8b: each experiment at its GPU sizing, on this CPU."""
+    from tests.test_sim import synthetic_profile
+
+    profile = tmp_path / "llama-8b.json"
+    synthetic_profile("llama-8b", free_bytes_for_kv=40 * 2**30).save(profile)
+    out = tmp_path / "out"
+    harness(
+        out,
+        f"experiment={experiment}",
+        "executor.engine=sim",
+        "model=llama-8b",
+        f"executor.profile={profile}",
+        "workload.max_requests=80",
+        "progress=false",
+        "plots=false",
+    )
+    result = load(only_dir(out / experiment))
+    assert all(run.status == "ok" for run in result.runs) and len(result.runs) >= 2
+    assert (result.summary["completed"] == 80).all()
+    assert {run.info["model"] for run in result.runs} == {"llama-8b"}
+
+
 def test_fcfs_vs_maxutil_really_differs(tmp_path):
     """The experiment's point: on the same arrivals, MAX_UTILIZATION preempts and
     GUARANTEED_NO_EVICT does not (it queues instead). Everything arrives at t=0 so that the
