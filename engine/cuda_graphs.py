@@ -75,8 +75,9 @@ class DecodeGraphRunner:
             raise ValueError("CUDA graphs need a CUDA device; this model is on " + str(device))
         if capture and model.attention_backend != "triton":
             raise ValueError(
-                "CUDA graphs need the triton attention backend (the torch reference reads "
-                "sequence lengths on the host); use attention_backend='triton' or eager mode"
+                f"attention_backend={model.attention_backend!r} cannot run in CUDA graphs (the "
+                "torch reference reads sequence lengths on the host): use the triton attention "
+                "backend, or enforce_eager=True"
             )
         self.model = model
         self.kv_pool = kv_pool

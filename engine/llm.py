@@ -25,6 +25,7 @@ from engine.model_engine import TorchModelEngine
 from engine.request import Request, SamplingParams
 from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler
+from engine.sim.engine import SimDecoder
 from engine.sim.fast_forward import fast_forward_decodes, is_steady
 from policies import registry
 
@@ -159,39 +160,28 @@ class LLM:
         )
         self.kv_cache_manager = registry.build("kv_cache_manager", kv_cache_manager)
         check_chunk_unit(self.microbatch_scheduler, self.kv_cache_manager.tokens_per_block)
-        scheduler = Scheduler(self.capacity_scheduler, self.microbatch_scheduler)
-        resource_manager = ResourceManager(self.kv_cache_manager)
+        # Each engine sets model_engine (and device, dtype, tokenizer); both share the loop.
         if engine == "sim":
-            self._init_sim(model, dtype, cost_model, clock, scheduler, resource_manager)
-            if sim_fast_forward and is_steady(self.executor):
-                self.executor.decode_run = fast_forward_decodes
+            decoder, clock = self._init_sim(model, dtype, cost_model, clock)
         else:
             self._init_torch(
-                model,
-                device,
-                dtype,
-                seed,
-                attention_backend,
-                enforce_eager,
-                cuda_graph_batch_sizes,
-                clock,
-                scheduler,
-                resource_manager,
+                model, device, dtype, seed, attention_backend, enforce_eager, cuda_graph_batch_sizes
             )
+            decoder, clock = Decoder(seed), clock or WallClock()
+        self.executor = PyExecutor(
+            self.model_engine,
+            decoder,
+            Scheduler(self.capacity_scheduler, self.microbatch_scheduler),
+            ResourceManager(self.kv_cache_manager),
+            clock=clock,
+            eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+        )
+        if engine == "sim" and sim_fast_forward and is_steady(self.executor):
+            self.executor.decode_run = fast_forward_decodes
         self._next_request_id = 0
 
     def _init_torch(
-        self,
-        model,
-        device,
-        dtype,
-        seed,
-        attention_backend,
-        enforce_eager,
-        cuda_graph_batch_sizes,
-        clock,
-        scheduler,
-        resource_manager,
+        self, model, device, dtype, seed, attention_backend, enforce_eager, cuda_graph_batch_sizes
     ) -> None:
         from engine.models import PagedCausalLM, load_model
 
@@ -229,19 +219,11 @@ class LLM:
             graph_runner=self._graph_runner(paged, enforce_eager, cuda_graph_batch_sizes),
         )
         self._memory_checkpoint("cuda_graphs")
-        self.executor = PyExecutor(
-            self.model_engine,
-            Decoder(seed),
-            scheduler,
-            resource_manager,
-            clock=clock or WallClock(),
-            eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
-        )
 
-    def _init_sim(self, model, dtype, cost_model, clock, scheduler, resource_manager) -> None:
+    def _init_sim(self, model, dtype, cost_model, clock) -> tuple[SimDecoder, VirtualClock]:
         """No weights, no tensors: the model's shape, a cost model and a virtual clock."""
         from engine.models import load_tokenizer, model_limits, model_shape
-        from engine.sim import CostModel, Profile, SimDecoder, SimModelEngine
+        from engine.sim import CostModel, Profile, SimModelEngine
 
         if not isinstance(model, (str, os.PathLike)):
             raise ValueError("engine='sim' takes a preset name or a checkpoint directory")
@@ -281,9 +263,7 @@ class LLM:
         clock = clock or VirtualClock()
         vocab_size, max_seq_len = model_limits(model)
         self.model_engine = SimModelEngine(cost_model, clock, vocab_size, max_seq_len)
-        self.executor = PyExecutor(
-            self.model_engine, SimDecoder(), scheduler, resource_manager, clock=clock
-        )
+        return SimDecoder(), clock
 
     def _warn_beyond_profile(self, profile) -> None:
         """A run whose steps can be larger than any profiled one extrapolates its step times:
@@ -324,12 +304,6 @@ class LLM:
     ) -> DecodeGraphRunner | None:
         if enforce_eager or self.device.type != "cuda":
             return None
-        if paged.attention_backend != "triton":
-            raise ValueError(
-                f"attention_backend={paged.attention_backend!r} cannot run in CUDA graphs (the "
-                "torch reference reads sequence lengths on the host): use the triton backend, "
-                "or enforce_eager=True"
-            )
         kv = self.kv_cache_manager
         max_tokens = min(paged.max_seq_len, kv.num_blocks * kv.tokens_per_block)
         return DecodeGraphRunner(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
+from operator import attrgetter
 from typing import overload
 
 
@@ -46,6 +47,7 @@ class IterationStats:
 
 
 _FIELDS = tuple(f.name for f in fields(IterationStats))
+_ROW = attrgetter(*_FIELDS)  # an IterationStats -> its values in field order, in C
 _TYPECODES = tuple("d" if f.type == "float" else "q" for f in fields(IterationStats))
 
 
@@ -61,8 +63,8 @@ class IterationLog(Sequence[IterationStats]):
         self._columns = tuple(array(code) for code in _TYPECODES)
 
     def append(self, stats: IterationStats) -> None:
-        for column, name in zip(self._columns, _FIELDS, strict=True):
-            column.append(getattr(stats, name))
+        for column, value in zip(self._columns, _ROW(stats), strict=True):
+            column.append(value)
 
     def append_run(self, count: int, varying: dict[str, list], constant: dict[str, float]) -> None:
         """``count`` rows at once: the ``varying`` columns from lists of ``count`` values, every

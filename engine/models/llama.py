@@ -241,18 +241,15 @@ class PagedCausalLM:
         max_len = max(per_seq)
         num_blocks = -(-max_len // tokens_per_block)
 
-        def ints(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
-
         positions = [p for n in per_seq for p in range(n)]
         batch = ForwardBatch(
             input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=device),
-            positions=ints(positions),
+            positions=_int_tensor(device, positions),
             slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
-            query_start_loc=ints(starts),
-            seq_lens=ints(per_seq),
+            query_start_loc=_int_tensor(device, starts),
+            seq_lens=_int_tensor(device, per_seq),
             block_tables=torch.zeros((num_seqs, num_blocks), dtype=torch.int64, device=device),
-            logits_indices=ints([end - 1 for end in starts[1:]]),
+            logits_indices=_int_tensor(device, [end - 1 for end in starts[1:]]),
             max_query_len=max_len,
             max_seq_len=max_len,
             num_context_seqs=num_seqs,
@@ -290,17 +287,14 @@ class PagedCausalLM:
 
         device = self.device
 
-        def ints(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
-
         mixed = ForwardBatch(
-            input_ids=ints([0, 0]),
-            positions=ints([0, 0]),
-            slot_mapping=ints([-1, -1]),
-            query_start_loc=ints([0, 1, 2]),
-            seq_lens=ints([1, 1]),
-            block_tables=ints([[0], [0]]),
-            logits_indices=ints([0, 1]),
+            input_ids=_int_tensor(device, [0, 0]),
+            positions=_int_tensor(device, [0, 0]),
+            slot_mapping=_int_tensor(device, [-1, -1]),
+            query_start_loc=_int_tensor(device, [0, 1, 2]),
+            seq_lens=_int_tensor(device, [1, 1]),
+            block_tables=_int_tensor(device, [[0], [0]]),
+            logits_indices=_int_tensor(device, [0, 1]),
             max_query_len=1,
             max_seq_len=1,
             num_context_seqs=1,
@@ -312,7 +306,13 @@ class PagedCausalLM:
             splits = 1
             while splits <= MAX_SPLITS:
                 kernels.paged_decode_attention(
-                    q, kv_pool[0], ints([[0]]), ints([1]), 1.0, window, num_splits=splits
+                    q,
+                    kv_pool[0],
+                    _int_tensor(device, [[0]]),
+                    _int_tensor(device, [1]),
+                    1.0,
+                    window,
+                    num_splits=splits,
                 )
                 splits *= 2
         torch.cuda.synchronize(device)
@@ -361,6 +361,10 @@ class PagedCausalLM:
                 )
             )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _int_tensor(device: torch.device, values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
