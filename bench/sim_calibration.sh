@@ -7,15 +7,31 @@
 # On the GPU machine: the repo root on PYTHONPATH, Hydra installed from the carried wheels
 # (../shared/tools/device-wheels.sh), and the Azure trace carried in a git-ignored copy:
 #   mkdir -p .traces && cp ../shared/traces/azure_llm_2023_conv.csv .traces/   # carry .traces
-# Writes OUT_DIR/profiles/h100/<model>.json (commit it under engine/sim/profiles/), the real and
-# simulated result directories, and OUT_DIR/fidelity/<workload>-<model>/fidelity.{csv,png}.
-set -euo pipefail
+# Writes OUT_DIR/<model>.json (the profile: commit it as engine/sim/profiles/h100/<model>.json),
+# OUT_DIR/fidelity-<workload>-<model>.{csv,png}, and OUT_DIR/calibration-<model>.tar.gz holding
+# the real and simulated result directories (RESULTS, default a temporary directory), so that
+# few files come back from a device call. A failing step is reported and the rest still run.
+# REAL_REPEAT=1 also runs the Azure window real twice (the real engine's run-to-run spread).
+set -uo pipefail
 OUT=${1:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
 MODEL=${2:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
 TRACE=${TRACE:-.traces/azure_llm_2023_conv.csv}
-PROFILE=$OUT/profiles/h100/$MODEL.json
+RESULTS=${RESULTS:-$(mktemp -d)}
+PROFILE=$OUT/$MODEL.json
+mkdir -p "$OUT"
+failed=()
 
-python -m engine.sim.profiler --model "$MODEL" --device cuda --out "$PROFILE"
+step() {  # step NAME COMMAND...: run it, time it, remember a failure
+  local name=$1 started=$SECONDS
+  shift
+  echo "=== $name"
+  if ! "$@"; then
+    failed+=("$name")
+  fi
+  echo "=== $name: $((SECONDS - started)) s"
+}
+
+step profile python -m engine.sim.profiler --model "$MODEL" --device cuda --out "$PROFILE"
 
 # fcfs_vs_maxutil as configured for a GPU; an Azure window at 10x its arrival rate (~55 req/s),
 # a load that queues.
@@ -26,11 +42,37 @@ declare -A WORKLOADS=(
 for name in fcfs azure; do
   args=${WORKLOADS[$name]}
   # shellcheck disable=SC2086  # args is a list of overrides
-  python -m harness $args model="$MODEL" output_root="$OUT/real/$name-$MODEL" progress=false
+  step "real $name" python -m harness $args model="$MODEL" \
+    output_root="$RESULTS/real/$name-$MODEL" progress=false
   # shellcheck disable=SC2086
-  python -m harness $args model="$MODEL" executor.engine=sim executor.profile="$PROFILE" \
-    output_root="$OUT/sim/$name-$MODEL" progress=false
-  real=$(find "$OUT/real/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
-  sim=$(find "$OUT/sim/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
-  python -m harness.fidelity "$real" "$sim" --out "$OUT/fidelity/$name-$MODEL"
+  step "sim $name" python -m harness $args model="$MODEL" executor.engine=sim \
+    executor.profile="$PROFILE" output_root="$RESULTS/sim/$name-$MODEL" progress=false
+  real=$(find "$RESULTS/real/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
+  sim=$(find "$RESULTS/sim/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
+  if [[ -n $real && -n $sim ]]; then
+    step "fidelity $name" python -m harness.fidelity "$real" "$sim" \
+      --out "$RESULTS/fidelity/$name-$MODEL"
+    for f in "$RESULTS/fidelity/$name-$MODEL"/fidelity.*; do
+      cp "$f" "$OUT/fidelity-$name-$MODEL.${f##*.}"
+    done
+  else
+    failed+=("fidelity $name (no result directory)")
+  fi
 done
+# REAL_REPEAT=1: the Azure window real a second time, compared with the first run: the real
+# engine's own run-to-run spread, the floor under any simulator's error.
+if [[ ${REAL_REPEAT:-0} == 1 ]]; then
+  # shellcheck disable=SC2086
+  step "real azure again" python -m harness ${WORKLOADS[azure]} model="$MODEL" \
+    output_root="$RESULTS/real2/azure-$MODEL" progress=false
+  first=$(find "$RESULTS/real/azure-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
+  again=$(find "$RESULTS/real2/azure-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
+  step "real vs real" python -m harness.fidelity "$first" "$again" \
+    --out "$RESULTS/fidelity/azure-repeat-$MODEL"
+  cp "$RESULTS/fidelity/azure-repeat-$MODEL/fidelity.csv" "$OUT/fidelity-azure-repeat-$MODEL.csv"
+fi
+tar -czf "$OUT/calibration-$MODEL.tar.gz" -C "$RESULTS" .
+if ((${#failed[@]})); then
+  printf 'failed: %s\n' "${failed[@]}"
+  exit 1
+fi

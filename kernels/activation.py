@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import FastLauncher
+
 # Output columns per program: 1024 elements of gate and of up (4 KB in bf16) per program;
 # llama-8b's intermediate size 14336 is 14 programs per token.
 _BLOCK = 1024
@@ -51,6 +53,9 @@ def _silu_and_mul_kernel(
     )
 
 
+_silu_and_mul_launch = FastLauncher(_silu_and_mul_kernel)
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a fused gate/up projection output (Triton).
 
@@ -72,7 +77,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if num_tokens == 0 or intermediate == 0:
         return out
     block = min(_BLOCK, triton.next_power_of_2(intermediate))
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
+    _silu_and_mul_launch[(num_tokens, triton.cdiv(intermediate, block))](
         gate_up,
         out,
         *gate_up.stride(),

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import FastLauncher
+
 
 # The slot mapping is a view into the step's flat metadata buffer (its offset moves with the
 # batch): no specialisation on its alignment, or a run would compile new variants.
@@ -85,6 +87,9 @@ def _kv_write_kernel(
     tl.store(dst + stride_kv_kv, v.to(kv_dtype), mask=mask)
 
 
+_kv_write_launch = FastLauncher(_kv_write_kernel)
+
+
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_pool_layer: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -113,7 +118,7 @@ def write_kv(
     if num_tokens == 0:
         return
     tokens_per_block = kv_pool_layer.shape[2]
-    _kv_write_kernel[(num_tokens,)](
+    _kv_write_launch[(num_tokens,)](
         key,
         value,
         kv_pool_layer,

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import FastLauncher
+
 # tl.dot's minimum size along every dimension (M, N and K).
 _MIN_DOT = 16
 # Upper bound on the broadcast product [GROUP_PAD, BLOCK_N, HEAD_DIM_PAD] of the tl.sum path,
@@ -267,6 +269,10 @@ def _default_num_splits(
     return min(MAX_SPLITS, 1 << (max(1, splits).bit_length() - 1))
 
 
+_paged_decode_launch = FastLauncher(_paged_decode_kernel)
+_merge_splits_launch = FastLauncher(_merge_splits_kernel)
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     kv_pool_layer: torch.Tensor,
@@ -364,7 +370,7 @@ def paged_decode_attention(
 
     # tl.dot on fp32 inputs defaults to TF32 on GPUs; keep full precision there.
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _paged_decode_launch[(num_seqs, num_kv_heads, num_splits)](
         query,
         kv_pool_layer,
         block_tables,
@@ -391,7 +397,7 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
+        _merge_splits_launch[(num_seqs, num_heads)](
             partial,
             lse,
             out,

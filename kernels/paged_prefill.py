@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import FastLauncher
+
 # exp(x) == exp2(x * log2(e)); the scale is folded into this factor once per launch.
 _LOG2E = 1.4426950408889634
 
@@ -309,6 +311,9 @@ def _default_config(query: torch.Tensor) -> tuple[int, int, int, int]:
     return 128, 64, 8, 2
 
 
+_paged_prefill_launch = FastLauncher(_paged_prefill_kernel)
+
+
 def paged_prefill_attention(
     query: torch.Tensor,
     kv_pool_layer: torch.Tensor,
@@ -372,7 +377,7 @@ def paged_prefill_attention(
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
 
     grid = (num_seqs, triton.cdiv(max_query_len * group, block_m), num_kv_heads)
-    _paged_prefill_kernel[grid](
+    _paged_prefill_launch[grid](
         query,
         kv_pool_layer,
         out,

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import FastLauncher
+
 # One tile holds a whole row in registers; past this, a row would spill (a two-pass kernel
 # would be needed).
 _MAX_HIDDEN = 65536
@@ -124,6 +126,9 @@ def _triton_float(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_rms_norm_launch = FastLauncher(_rms_norm_kernel)
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -185,7 +190,7 @@ def rms_norm(
     block_rows = max(1, min(_MAX_BLOCK_ROWS, _TILE_ELEMENTS // block))
     # About 16 row elements per thread for a model's hidden size (64 at the largest rows).
     num_warps = max(4, min(32, block // 512)) if block_rows == 1 else 4
-    _rms_norm_kernel[(triton.cdiv(num_rows, block_rows),)](
+    _rms_norm_launch[(triton.cdiv(num_rows, block_rows),)](
         x3,
         r3,
         weight,

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import FastLauncher
+
 # Elements per half-tile [BLOCK_H, HALF_PAD]: a few KB of q per program.
 _TILE_ELEMENTS = 1024
 
@@ -145,6 +147,9 @@ def _rotary_kernel(
         )
 
 
+_rotary_launch = FastLauncher(_rotary_kernel)
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate q and k in place with HF's rotate_half RoPE, in one launch (Triton).
 
@@ -189,7 +194,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     )
     q_blocks = triton.cdiv(num_heads, block_h)
     grid = (num_tokens, q_blocks + triton.cdiv(num_kv_heads, block_h))
-    _rotary_kernel[grid](
+    _rotary_launch[grid](
         q,
         k,
         cos,

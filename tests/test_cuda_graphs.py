@@ -325,3 +325,36 @@ def test_nothing_compiles_after_start_up():
         if after[fn.__name__] != before[fn.__name__]
     ]
     assert after == before, new_keys
+
+
+@cuda
+@pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny", "qwen3-tiny"])
+def test_fast_launch_gives_the_same_tokens(preset):
+    """kernels/launch.py: launching the cached compiled kernels directly runs the very kernels
+    JITFunction.run would pick, so a whole run (prefill, chunks, mixed steps, every decode
+    split count) is bit-identical with it on and off, and it is used on every eager step."""
+    import kernels
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 40, 150, 7, 90)]
+    results = {}
+    previous = kernels.LAUNCHERS[0].enabled
+    for enabled in (False, True):
+        kernels.use_fast_launch(enabled)
+        try:
+            llm = LLM(
+                preset,
+                device="cuda",
+                dtype="bfloat16",
+                enforce_eager=True,  # every step launches kernels
+                microbatch_scheduler=dict(max_batch_size=8, max_num_tokens=64),
+                kv_cache_manager=dict(tokens_per_block=16, max_tokens=8192),
+            )
+            before = kernels.num_fast_launches()
+            outputs = llm.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+            results[enabled] = [o.token_ids for o in outputs]
+            fast = kernels.num_fast_launches() - before
+        finally:
+            kernels.use_fast_launch(previous)
+        assert (fast > 0) == enabled, fast
+    assert results[True] == results[False]

@@ -313,8 +313,31 @@ def test_sim_engine_runs_an_experiment_from_a_profile(tmp_path: Path):
 
 
 def test_sim_engine_without_a_profile_says_how_to_make_one(tmp_path: Path):
-    proc = harness(tmp_path, "executor.engine=sim", "model=llama-8b", expect_ok=False)
+    proc = harness(
+        tmp_path,
+        "executor.engine=sim",
+        "model=llama-8b",
+        "executor.sim_device=a100",
+        expect_ok=False,
+    )
     assert proc.returncode == 2
-    assert "no profile for model 'llama-8b' on 'h100'" in proc.stderr + proc.stdout
+    assert "no profile for model 'llama-8b' on 'a100'" in proc.stderr + proc.stdout
+    assert "available: h100/llama-1b, h100/llama-8b" in proc.stderr + proc.stdout
     assert "python -m engine.sim.profiler" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_sim_engine_runs_on_the_committed_h100_profile(tmp_path: Path):
+    """No executor.profile: engine/sim/profiles/h100/llama-8b.json, measured on the H100."""
+    out = tmp_path / "out"
+    harness(
+        out,
+        "executor.engine=sim",
+        "model=llama-8b",
+        "workload.num_requests=40",
+        "progress=false",
+    )
+    run = load(only_dir(out / "default"))
+    assert run.info["status"] == "ok" and run.info["engine"] == "sim"
+    assert run.info["device"] == "sim (NVIDIA H100 80GB HBM3)"
+    assert len(run.requests) == 40 and (run.requests["e2el_ms"] > 0).all()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -380,3 +381,43 @@ def test_budgets_beyond_the_profile_are_reported(caplog):
     with caplog.at_level("WARNING", logger="engine.llm"):
         sim_llm(profile, microbatch_scheduler=dict(max_batch_size=256, max_num_tokens=8192))
     assert "max_batch_size=256 is beyond the profile's largest step (136)" in caplog.text
+
+
+def test_a_host_floor_is_fitted_where_short_steps_cost_the_same():
+    """Eager steps cost the host's launch time up to a knee, then grow with their tokens:
+    ``max(floor, linear)`` fits both sides; a single line through them cannot."""
+    prefill = [
+        StepFeatures(num_context_seqs=s, num_context_tokens=t, context_attention=t * (t + 1) / 2)
+        for t in (16, 64, 256, 1024, 2048, 4096, 8192)
+        for s in (1, 4)
+    ]
+    mixed = [
+        StepFeatures(
+            num_context_seqs=1,
+            num_context_tokens=t,
+            context_attention=t * (t + 1) / 2,
+            num_decode_seqs=r,
+            decode_kv_tokens=r * 1000,
+        )
+        for t in (16, 256, 1024, 4096, 8192)
+        for r in (16, 64, 255)
+    ]
+    decode = [StepFeatures(num_decode_seqs=b, decode_kv_tokens=b * 512) for b in (1, 8, 64, 256)]
+
+    def measured(f: StepFeatures) -> float:
+        if f.is_decode_only:
+            return 0.006 + 2e-5 * f.num_decode_seqs
+        floor = 0.015 if f.num_decode_seqs == 0 else 0.02
+        return max(floor, 0.002 + 2.5e-5 * f.num_context_tokens + 1e-5 * f.num_decode_seqs)
+
+    model = LinearCostModel.fit([(f, measured(f)) for f in prefill + mixed + decode])
+    assert model.prefill is not None  # enough prefill-only steps for their own fit
+    assert math.isclose(model.floors["prefill"], 0.015, rel_tol=1e-6)
+    assert math.isclose(model.floors["mixed"], 0.02, rel_tol=1e-6)
+    for f in prefill + mixed + decode:
+        assert math.isclose(model.predict(f), measured(f), rel_tol=1e-6), f
+    # One line (least squares on relative error, no floor) misses the short steps by far more.
+    design = np.array([[1.0, f.num_context_tokens] for f in prefill])
+    seconds = np.array([measured(f) for f in prefill])
+    line, *_ = np.linalg.lstsq(design / seconds[:, None], np.ones(len(prefill)), rcond=None)
+    assert max(abs(design @ line - seconds) / seconds) > 0.15  # vs < 1e-6 above

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.sim import LinearCostModel, Profile
+from engine.sim import LinearCostModel, Profile, available_profiles, default_profile_path
+from engine.sim.cost_model import StepFeatures
 from engine.sim.profiler import (
     ProfileGrid,
     ProfileShapeError,
@@ -63,17 +66,31 @@ def rows(profile: Profile, kind: str) -> list[dict]:
 
 # ---- the grid ---------------------------------------------------------------------------------
 def test_grids_have_points_of_every_kind_within_the_engine_limits():
-    assert GRID.num_points() == {"decode": 6, "prefill": 4, "mixed": 4, "chunked": 2}
+    assert GRID.num_points() == {
+        "decode": 6,
+        "prefill": 4,
+        "mixed": 4,
+        "chunked": 2,
+        "replay": 6,
+    }
     full = ProfileGrid.full(256, 8192)
-    assert full.num_points() == {"decode": 36, "prefill": 21, "mixed": 12, "chunked": 3}
+    assert full.num_points() == {
+        "decode": 36,
+        "prefill": 21,
+        "mixed": 18,
+        "chunked": 3,
+        "replay": 300,
+    }
     assert full.mixed_contexts == (512, 2048)  # two KV lengths: decode rows vs KV bytes
-    assert full.mixed_decodes == (16, 64)  # 256 decodes leave no slot for the prefill
+    assert full.mixed_decodes == (16, 64, 255)  # and one slot for the prefill
     smaller = ProfileGrid.full(max_batch_size=64, max_num_tokens=2048)
     assert max(smaller.decode_batch_sizes) == 64 and max(smaller.prefill_tokens) == 2048
-    assert smaller.mixed_decodes == (16,) and smaller.mixed_prefill_tokens == (256, 1024)
+    assert smaller.mixed_decodes == (16, 63) and smaller.mixed_prefill_tokens == (256, 1024)
     assert ProfileGrid(prefill_tokens=[8], prefill_seqs=[1, 16]).prefill_points == [(8, 1)]
     with pytest.raises(ValueError, match="decode_batch_sizes"):
         ProfileGrid(decode_batch_sizes=(0,))
+    with pytest.raises(ValueError, match="replay_prompt_lens"):
+        ProfileGrid(replay_prompt_lens=(64, 8))
 
 
 # ---- the profile of the real engine ------------------------------------------------------------
@@ -90,6 +107,27 @@ def test_decode_points_have_the_asked_batch_at_the_asked_context(profiled):
         assert batch * context <= row["decode_kv_tokens"] <= batch * (context + 30)
         shapes.add((batch, context))
     assert shapes == {(b, c) for b in GRID.decode_batch_sizes for c in GRID.decode_contexts}
+
+
+def test_a_decode_point_holds_only_its_own_batch():
+    """The engine holds exactly B requests while B decode (host work grows with every request
+    held, so B=1 timed among 256 held ones would be too slow)."""
+    llm = tiny_llm()
+    held = []
+    step = llm.executor.step
+
+    def counting_step():
+        stats = step()
+        if stats is not None:
+            held.append(stats.num_active_requests)
+        return stats
+
+    llm.executor.step = counting_step
+    grid = ProfileGrid(decode_batch_sizes=(1, 4), decode_contexts=(16,))
+    profile = profile_engine(llm, grid, repeats=2, warmup=0, progress=False)
+    assert [row["num_decode_seqs"] for row in profile.steps] == [1, 4]
+    # Each point: prefill steps, then 2 timed steps, then the drain, all with B requests held.
+    assert set(held) == {1, 4}
 
 
 def test_prefill_points_prefill_T_tokens_over_S_fresh_sequences(profiled):
@@ -124,6 +162,21 @@ def test_mixed_and_chunked_points_carry_decodes_or_a_prefix(profiled):
         tokens = row["num_context_tokens"]
         assert row["num_context_seqs"] == 1 and row["num_decode_seqs"] == 0
         assert row["context_attention"] == causal_pairs(tokens, GRID.chunked_prefix)
+
+
+def test_replay_times_every_step_of_a_short_serving_run(profiled):
+    _, profile = profiled
+    replay = rows(profile, "replay")
+    # One request arrives before each of the first 6 steps; all of them are timed, to the end.
+    assert len(replay) >= GRID.replay_requests
+    assert all(row["seconds"] > 0 for row in replay)
+    assert replay[0]["num_decode_seqs"] == 0 and replay[0]["num_context_seqs"] == 1
+    assert any(r["num_context_seqs"] and r["num_decode_seqs"] for r in replay)  # mixed steps
+    assert replay[-1]["num_context_seqs"] == 0  # the drain: decodes only
+    low, high = GRID.replay_prompt_lens
+    prompts = sum(r["num_context_tokens"] for r in replay)
+    assert GRID.replay_requests * low <= prompts <= GRID.replay_requests * high
+    assert "predicted by a fit to the grid points alone" in fit_report(profile)
 
 
 def test_profiling_leaves_the_engine_idle_and_as_it_was(profiled):
@@ -186,7 +239,7 @@ def test_points_that_cannot_run_are_skipped_and_reported(profiled):
     profile = profile_engine(llm, grid, repeats=1, progress=False)
     assert profile.steps == []
     skipped = profile.engine["skipped"]
-    assert [s["kind"] for s in skipped] == ["decode", "prefill", "mixed", "chunked"]
+    assert [s["kind"] for s in skipped] == ["decode", "prefill", "mixed", "chunked"]  # no replay
     assert "batch limit" in skipped[0]["reason"]
     assert "max_num_tokens" in skipped[1]["reason"]
     assert "batch limit" in skipped[2]["reason"]
@@ -246,7 +299,13 @@ def test_cli_writes_a_loadable_profile(tmp_path):
     assert result.returncode == 0, result.stderr
     profile = Profile.load(out)
     assert profile.model == "llama-tiny" and profile.device == "cpu"
-    assert {row["kind"] for row in profile.steps} == {"decode", "prefill", "mixed", "chunked"}
+    assert {row["kind"] for row in profile.steps} == {
+        "decode",
+        "prefill",
+        "mixed",
+        "chunked",
+        "replay",
+    }
     assert profile.command.startswith("python -m engine.sim.profiler --device cpu")
     assert "in-sample relative error" in result.stdout and "intercept" in result.stdout
     assert "[profiler] decode" in result.stderr  # a progress line per group
@@ -366,3 +425,28 @@ def test_profile_load_non_positive_seconds(tmp_path, seconds):
         ValueError, match=rf"{re.escape(str(path))}: steps\[0\]\.seconds must be > 0"
     ):
         Profile.load(path)
+
+
+# ---- the committed profiles ---------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["llama-1b", "llama-8b"])
+def test_committed_h100_profiles_fit_their_own_serving_steps(model):
+    """engine/sim/profiles/h100/<model>.json, measured on the H100 (bench/sim_calibration.sh)."""
+    assert f"h100/{model}" in available_profiles()
+    profile = Profile.load(default_profile_path(model, "h100"))
+    assert profile.model == model and "H100" in profile.device and profile.dtype == "bfloat16"
+    assert profile.command.startswith(f"python -m engine.sim.profiler --model {model}")
+    assert profile.engine["cuda_graphs"] and profile.engine["attention_backend"] == "triton"
+    kinds = Counter(row["kind"] for row in profile.steps)
+    assert set(kinds) == {"decode", "prefill", "mixed", "chunked", "replay"}
+    assert kinds["replay"] >= 300 and kinds["decode"] >= 30
+    cost = profile.cost_model()
+    errors = [
+        abs(cost.predict(features) - seconds) / seconds
+        for row, (features, seconds) in zip(profile.steps, profile.samples(), strict=True)
+        if row["kind"] == "replay"
+    ]
+    assert statistics.median(errors) < 0.10
+    one = cost.predict(StepFeatures(num_decode_seqs=1, decode_kv_tokens=1024))
+    full = cost.predict(StepFeatures(num_decode_seqs=256, decode_kv_tokens=256 * 1024))
+    assert 0 < one < full
+    assert profile.memory["free_bytes_for_kv"] > profile.memory["kv_pool_bytes"] > 0

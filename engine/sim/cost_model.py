@@ -20,15 +20,23 @@ Two models, one interface (``CostModel.predict``):
 - ``LinearCostModel``: least squares over a profile of the real engine, fitted separately for
   decode-only steps (CUDA graphs: one launch, linear in rows and KV bytes) and steps that carry
   context tokens (eager: FLOP-bound), each as a weighted sum of the features above plus an
-  intercept (launch and host overhead), weighted to minimise the relative error, with no
-  coefficient below zero.
+  intercept, weighted to minimise the relative error, with no coefficient below zero. Each kind
+  also gets a floor: ``seconds = max(floor, linear)``. An eager step launches every layer's
+  kernels from Python, so a short one costs the host's launch time (tens of ms for a 32-layer
+  model on a slow host) however few tokens it has; the device time (the linear part) overtakes
+  it only at a few thousand tokens, and one straight line cannot fit both sides of that knee::
+
+      seconds |            /  linear (device)
+              |           /
+              |__________/   floor (host: launches)
+              +-------------------- context tokens
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -108,6 +116,7 @@ class RooflineCostModel(CostModel):
 
 
 DECODE_TERMS = ("intercept", "num_decode_seqs", "decode_kv_tokens")
+PREFILL_TERMS = ("intercept", "num_context_tokens", "context_attention", "num_context_seqs")
 MIXED_TERMS = (
     "intercept",
     "num_context_tokens",
@@ -124,39 +133,66 @@ def _design(features: StepFeatures, terms: Sequence[str]) -> list[float]:
 
 @dataclass(frozen=True)
 class LinearCostModel(CostModel):
-    """``seconds = sum(coefficient[term] * term)`` with one coefficient set for decode-only steps
-    (``decode``) and one for steps with context tokens (``mixed``); see ``fit``."""
+    """``seconds = max(floor, sum(coefficient[term] * term))`` with one coefficient set and
+    floor for each kind of step: ``decode`` (decode-only), ``prefill`` (contexts, no decodes)
+    and ``mixed`` (contexts and decodes; also prefill steps when ``prefill`` is None). See
+    ``fit``."""
 
     decode: Mapping[str, float]
     mixed: Mapping[str, float]
+    prefill: Mapping[str, float] | None = None
+    floors: Mapping[str, float] = field(default_factory=dict)  # kind -> seconds (default 0)
+
+    def kind_of(self, features: StepFeatures) -> str:
+        if features.is_decode_only:
+            return "decode"
+        if features.num_decode_seqs == 0 and self.prefill is not None:
+            return "prefill"
+        return "mixed"
 
     def predict(self, features: StepFeatures) -> float:
         # Runs once a simulated step: attribute reads, no dict of the features.
-        coefficients = self.decode if features.is_decode_only else self.mixed
+        kind = self.kind_of(features)
+        coefficients = getattr(self, kind)
         seconds = 0.0
         for term, weight in coefficients.items():
             seconds += weight if term == "intercept" else weight * getattr(features, term)
-        return seconds
+        return max(seconds, self.floors.get(kind, 0.0))
 
     @classmethod
     def fit(cls, samples: Iterable[tuple[StepFeatures, float]]) -> LinearCostModel:
-        """Least squares on ``(features, measured seconds)`` samples, minimising the relative
-        error (each row is divided by its measured time). Needs at least as many samples of
-        each kind (decode-only, with context) as that kind has terms."""
-        decode, mixed = [], []
+        """Fit each kind of step to ``(features, measured seconds)`` samples, minimising the
+        relative error (``_fit_kind``). Needs at least as many decode-only steps as
+        ``DECODE_TERMS`` and context steps as ``MIXED_TERMS``. Prefill steps get their own
+        coefficients when there are at least ``2 * len(PREFILL_TERMS)`` of them and as many mixed
+        steps (they launch fewer kernels: no decode attention); otherwise mixed covers both."""
+        decode, prefill, mixed = [], [], []
         for features, seconds in samples:
             if seconds <= 0:
                 raise ValueError(f"measured step time must be positive, got {seconds}")
-            (decode if features.is_decode_only else mixed).append((features, seconds))
-        return cls(
-            decode=_least_squares(decode, DECODE_TERMS, "decode-only"),
-            mixed=_least_squares(mixed, MIXED_TERMS, "context"),
-        )
+            if features.is_decode_only:
+                decode.append((features, seconds))
+            else:
+                (prefill if features.num_decode_seqs == 0 else mixed).append((features, seconds))
+        floors: dict[str, float] = {}
+        decode_fit, floors["decode"] = _fit_kind(decode, DECODE_TERMS, "decode-only")
+        separate = len(prefill) >= 2 * len(PREFILL_TERMS) and len(mixed) >= 2 * len(MIXED_TERMS)
+        prefill_fit = None
+        if separate:
+            prefill_fit, floors["prefill"] = _fit_kind(prefill, PREFILL_TERMS, "prefill")
+        else:
+            mixed = prefill + mixed
+        mixed_fit, floors["mixed"] = _fit_kind(mixed, MIXED_TERMS, "context")
+        return cls(decode=decode_fit, mixed=mixed_fit, prefill=prefill_fit, floors=floors)
 
 
-def _least_squares(
+def _fit_kind(
     samples: list[tuple[StepFeatures, float]], terms: Sequence[str], kind: str
-) -> dict[str, float]:
+) -> tuple[dict[str, float], float]:
+    """(coefficients, floor) of ``max(floor, linear)`` with the least mean squared relative
+    error: no floor and a line through every sample, or a floor at one of the measured times'
+    quantiles with the line fitted to the samples above it (then the floor moved to the value
+    that fits the samples it covers best)."""
     if len(samples) < len(terms):
         raise ValueError(
             f"a profile needs at least {len(terms)} {kind} steps to fit {list(terms)}; "
@@ -164,6 +200,29 @@ def _least_squares(
         )
     design = np.array([_design(f, terms) for f, _ in samples])
     seconds = np.array([s for _, s in samples])
+
+    def error(coefficients: np.ndarray, floor: float) -> float:
+        predicted = np.maximum(design @ coefficients, floor)
+        return float(np.mean(((predicted - seconds) / seconds) ** 2))
+
+    best = _least_squares(design, seconds)
+    best_floor, best_error = 0.0, error(best, 0.0)
+    for floor in np.unique(np.quantile(seconds, np.linspace(0.05, 0.9, 18))):
+        above = seconds > floor
+        if above.sum() < len(terms):
+            continue
+        coefficients = _least_squares(design[above], seconds[above])
+        covered = design @ coefficients <= floor
+        if covered.any():  # the floor that minimises the relative error of those it covers
+            inverse = 1.0 / seconds[covered]
+            floor = float(inverse.sum() / (inverse**2).sum())
+        candidate = error(coefficients, floor)
+        if candidate < best_error:
+            best, best_floor, best_error = coefficients, float(floor), candidate
+    return {term: float(value) for term, value in zip(terms, best, strict=True)}, best_floor
+
+
+def _least_squares(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     # Relative error: scale each row by 1 / its time (a 1 ms step and a 100 ms step count
     # alike). Columns are scaled to unit norm for conditioning, then scaled back.
     weighted = design / seconds[:, None]
@@ -172,17 +231,16 @@ def _least_squares(
     # No term may cost negative time (noise or collinear terms can push a least-squares
     # coefficient below zero, and a large batch would then be predicted to take no time): drop
     # the most negative term and refit until none is left (a simple non-negative least squares).
-    active = list(range(len(terms)))
+    active = list(range(design.shape[1]))
     while True:
         solution, *_ = np.linalg.lstsq(
-            weighted[:, active] / norms[active], np.ones(len(samples)), rcond=None
+            weighted[:, active] / norms[active], np.ones(len(seconds)), rcond=None
         )
         coefficients = solution / norms[active]
         worst = int(np.argmin(coefficients))
         if coefficients[worst] >= 0 or len(active) == 1:
             break
         del active[worst]
-    fitted = dict.fromkeys(terms, 0.0)
-    for index, value in zip(active, coefficients, strict=True):
-        fitted[terms[index]] = float(value)
+    fitted = np.zeros(design.shape[1])
+    fitted[active] = np.maximum(coefficients, 0.0)
     return fitted

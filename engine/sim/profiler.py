@@ -11,6 +11,8 @@ times after ``warmup`` untimed runs, and keeps the median with the features of t
     prefill  S fresh prompts of T tokens in all, arriving at an idle engine
     mixed    R sequences decoding at KV length C, plus one fresh prompt of T tokens
     chunked  a chunk of T tokens behind a computed prefix of P tokens (chunked prefill)
+    replay   every step of a short serving run: N requests arriving one a step (prompts and
+             outputs of random lengths), the mixes of decodes and prefills that runs produce
 
 The features are captured inside ``model_engine.forward``, after ``prepare_resources`` (so a
 prefix hit would be counted), and checked against the point: a profile of steps that silently
@@ -18,10 +20,11 @@ had another shape would mislead every simulation fitted to it, so a mismatch sto
 with ``ProfileShapeError``. A point the engine cannot run (batch size, token budget, KV pool,
 model length) is skipped and listed in the profile's ``engine["skipped"]``.
 
-Cheap set-ups: decode points share one set of requests per context (admit the largest batch,
-prefill it untimed, then time B decodes by lowering the micro-batch scheduler's
-``max_batch_size`` to B); mixed points share their running decodes. Every group's requests run
-to completion before the next group, and the KV pool must be entirely free between groups.
+Each decode point admits exactly B requests (a step's host work grows with the requests the
+engine holds, not only with those it runs); mixed points share their running decodes. Every
+group's requests run to completion before the next group, and the KV pool must be entirely free
+between groups. The replay steps are the check on the grid: ``fit_report`` predicts them from a
+fit to the grid points alone before the final fit uses them too.
 
     python -m engine.sim.profiler --model llama-8b --device cuda \\
         --out engine/sim/profiles/h100/llama-8b.json [--grid full|small] \\
@@ -49,11 +52,11 @@ import torch
 
 from engine.llm import LLM, resolve_device, resolve_dtype
 from engine.request import Request, SamplingParams, num_blocks_for
-from engine.sim.cost_model import StepFeatures
+from engine.sim.cost_model import LinearCostModel, StepFeatures
 from engine.sim.profile import Profile
 
 # The ``kind`` of a profile step: which grid group measured it.
-KINDS = ("decode", "prefill", "mixed", "chunked")
+KINDS = ("decode", "prefill", "mixed", "chunked", "replay")
 
 # An expected feature value: exact, or an inclusive (low, high) range.
 Expected = dict[str, float | tuple[float, float]]
@@ -83,6 +86,9 @@ class ProfileGrid:
     mixed_prefill_tokens: tuple[int, ...] = ()
     chunked_prefix: int = 0
     chunked_tokens: tuple[int, ...] = ()
+    replay_requests: int = 0
+    replay_prompt_lens: tuple[int, ...] = (64, 1024)  # (low, high), uniform
+    replay_output_lens: tuple[int, ...] = (16, 256)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -93,11 +99,15 @@ class ProfileGrid:
                 values = value
             else:
                 values = (value,)
-            lowest = 0 if f.name == "chunked_prefix" else 1
+            lowest = 0 if f.name in ("chunked_prefix", "replay_requests") else 1
             if not all(isinstance(v, int) and v >= lowest for v in values):
                 raise ValueError(f"ProfileGrid.{f.name} must hold integers >= {lowest}: {value!r}")
         if self.mixed_decodes and min(self.mixed_contexts, default=0) < 2:
             raise ValueError(f"ProfileGrid.mixed_contexts must be >= 2: {self.mixed_contexts}")
+        for name in ("replay_prompt_lens", "replay_output_lens"):
+            low_high = getattr(self, name)
+            if len(low_high) != 2 or low_high[0] > low_high[1]:
+                raise ValueError(f"ProfileGrid.{name} must be (low, high), got {low_high!r}")
         if min(self.decode_contexts, default=2) < 2:
             raise ValueError(f"ProfileGrid.decode_contexts must be >= 2: {self.decode_contexts}")
 
@@ -121,6 +131,7 @@ class ProfileGrid:
             * len(self.mixed_contexts)
             * len(self.mixed_prefill_tokens),
             "chunked": len(self.chunked_points),
+            "replay": self.replay_requests,  # requests; about twice as many steps
         }
 
     @classmethod
@@ -141,12 +152,17 @@ class ProfileGrid:
                 t for t in (16, 64, 256, 1024, 2048, 4096, 8192) if t <= max_num_tokens
             ),
             prefill_seqs=(1, 4, 16),
-            # One batch slot is the prefill's.
-            mixed_decodes=tuple(r for r in (16, 64, 256) if r <= max_batch_size - 1),
+            # One batch slot is the prefill's; the fullest mixed step (max_batch_size - 1
+            # decodes) is the common one in a loaded run, so it is measured, not extrapolated.
+            mixed_decodes=tuple(
+                sorted({r for r in (16, 64) if r < max_batch_size - 1} | {max_batch_size - 1})
+            ),
             mixed_contexts=(512, 2048),
             mixed_prefill_tokens=mixed_tokens,
             chunked_prefix=2048,
             chunked_tokens=mixed_tokens,
+            replay_requests=300,
+            replay_prompt_lens=(64, min(1024, max_num_tokens)),
         )
 
     @classmethod
@@ -162,6 +178,9 @@ class ProfileGrid:
             mixed_prefill_tokens=(8, 32),
             chunked_prefix=32,
             chunked_tokens=(8, 32),
+            replay_requests=6,
+            replay_prompt_lens=(4, 24),
+            replay_output_lens=(2, 6),
         )
 
 
@@ -310,6 +329,7 @@ class _Profiler:
                 for context in self.grid.mixed_contexts:
                     self._mixed_group(num_decodes, context)
             self._chunked_group()
+            self._replay_group()
 
     def _warm_up(self) -> None:
         """One short request first (allocator, first-call paths): no grid point pays for it."""
@@ -319,46 +339,36 @@ class _Profiler:
         self._check_idle("after the warm-up")
 
     def _decode_group(self, context: int) -> None:
-        """Admit the largest batch that fits at KV length ``context`` once, prefill it untimed,
-        then time B decodes for each B by lowering ``max_batch_size`` to B (the micro-batch
-        scheduler then takes the first B decoding requests)."""
+        """For each B: admit B requests, prefill them untimed, time their decodes, drain."""
         started = time.perf_counter()
         limits = self.limits
-        timed_total = len(self.grid.decode_batch_sizes) * (self.warmup + self.repeats)
-
-        def max_new(num_seqs: int) -> int:
-            return limits.setup_steps(num_seqs, context) + timed_total + 2
-
+        timed = self.warmup + self.repeats
         batch_sizes = []
         for batch in sorted(self.grid.decode_batch_sizes):
-            reason = limits.decodes_misfit(batch, context, max_new(batch))
-            if reason is None:
-                batch_sizes.append(batch)
-            else:  # a larger batch cannot fit either: every check grows with the batch
+            new_tokens = limits.setup_steps(batch, context) + timed + 2
+            reason = limits.decodes_misfit(batch, context, new_tokens)
+            if reason is not None:  # a larger batch cannot fit either: every check grows with B
                 self._skip("decode", f"B={batch} c={context}", reason)
-        if not batch_sizes:
-            return
-        num_seqs = max(batch_sizes)
-        new_tokens = max_new(num_seqs)
-        requests = self._start_decodes(num_seqs, context, new_tokens, timed_total)
-        for batch in batch_sizes:
-            with _overridden(self.microbatch, max_batch_size=batch):
-                self._measure(
-                    "decode",
-                    f"decode B={batch} c={context}",
-                    lambda: None,
-                    {
-                        "num_context_seqs": 0,
-                        "num_context_tokens": 0,
-                        "num_decode_seqs": batch,
-                        "decode_kv_tokens": (batch * context, batch * (context - 1 + new_tokens)),
-                    },
-                )
-        self._drain(requests, f"decode c={context}")
-        self._log(
-            f"decode  c={context}: B={','.join(map(str, batch_sizes))} "
-            f"({len(batch_sizes)} points, {time.perf_counter() - started:.1f} s)"
-        )
+                break
+            requests = self._start_decodes(batch, context, new_tokens, timed)
+            self._measure(
+                "decode",
+                f"decode B={batch} c={context}",
+                lambda: None,
+                {
+                    "num_context_seqs": 0,
+                    "num_context_tokens": 0,
+                    "num_decode_seqs": batch,
+                    "decode_kv_tokens": (batch * context, batch * (context - 1 + new_tokens)),
+                },
+            )
+            self._drain(requests, f"decode B={batch} c={context}")
+            batch_sizes.append(batch)
+        if batch_sizes:
+            self._log(
+                f"decode  c={context}: B={','.join(map(str, batch_sizes))} "
+                f"({len(batch_sizes)} points, {time.perf_counter() - started:.1f} s)"
+            )
 
     def _prefill_group(self) -> None:
         """S fresh prompts of T tokens in all (max_new_tokens=1: they finish in the step that
@@ -513,6 +523,45 @@ class _Profiler:
                 f"chunked P={self.grid.chunked_prefix}: T={','.join(map(str, measured))} "
                 f"({len(measured)} points, {time.perf_counter() - started:.1f} s)"
             )
+
+    def _replay_group(self) -> None:
+        """``replay_requests`` requests, one arriving before each step, each step timed."""
+        num_requests = self.grid.replay_requests
+        if not num_requests:
+            return
+        started = time.perf_counter()
+        limits = self.limits
+        low, high = self.grid.replay_prompt_lens
+        high = min(high, limits.max_seq_len - self.grid.replay_output_lens[1] - 1)
+        if limits.max_num_tokens is not None:
+            high = min(high, limits.max_num_tokens - limits.max_batch_size)
+        if high < low:
+            self._skip("replay", f"N={num_requests}", "no prompt length fits the engine")
+            return
+        prompt_lens = torch.randint(low, high + 1, (num_requests,), generator=self._rng)
+        output_lens = torch.randint(
+            self.grid.replay_output_lens[0],
+            self.grid.replay_output_lens[1] + 1,
+            (num_requests,),
+            generator=self._rng,
+        )
+        waiting = [
+            self._requests([n], m)[0]
+            for n, m in zip(prompt_lens.tolist(), output_lens.tolist(), strict=True)
+        ]
+        waiting.reverse()  # pop() from the end: first request first
+        everyone = list(waiting)
+        while waiting or self.executor.has_unfinished_requests:
+            if waiting:
+                self.executor.enqueue_requests([waiting.pop()])
+            seconds, features = self._step("replay")
+            self.rows.append({"kind": "replay", **features.as_dict(), "seconds": seconds})
+        self._drain(everyone, "replay")
+        num_steps = sum(row["kind"] == "replay" for row in self.rows)
+        self._log(
+            f"replay  {num_requests} requests: {num_steps} steps "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
 
     # ---- steps ------------------------------------------------------------------------------
     def _measure(
@@ -754,13 +803,18 @@ def software_versions() -> dict[str, str]:
 
 # ---- report ---------------------------------------------------------------------------------
 def fit_report(profile: Profile) -> str:
-    """The fitted ``LinearCostModel``'s coefficients and its in-sample relative error
-    (|predicted - measured| / measured) by kind of step, as a short table."""
+    """The fitted ``LinearCostModel``'s coefficients and floors, its in-sample relative error
+    (|predicted - measured| / measured) by kind of step, and how well a fit to the grid points
+    alone predicts the replay steps (a serving run it has not seen), as a short table."""
     model = profile.cost_model()
-    lines = ["LinearCostModel (seconds per unit of each term)"]
-    for group, coefficients in (("decode", model.decode), ("mixed", model.mixed)):
+    lines = ["LinearCostModel (seconds per unit of each term; floor in seconds)"]
+    for kind in ("decode", "prefill", "mixed"):
+        coefficients = getattr(model, kind)
+        if coefficients is None:
+            continue
         for term, value in coefficients.items():
-            lines.append(f"  {group:<7} {term:<19} {value:>11.4e}")
+            lines.append(f"  {kind:<7} {term:<19} {value:>11.4e}")
+        lines.append(f"  {kind:<7} {'floor':<19} {model.floors.get(kind, 0.0):>11.4e}")
     errors: dict[str, list[float]] = {}
     for row, (features, seconds) in zip(profile.steps, profile.samples(), strict=True):
         kind = row.get("kind") or ("decode" if features.is_decode_only else "context")
@@ -776,7 +830,28 @@ def fit_report(profile: Profile) -> str:
                 f"  {kind:<8} {len(values):>5} {statistics.median(values):>8.1%} "
                 f"{max(values):>8.1%}"
             )
+    lines += _replay_check(profile)
     return "\n".join(lines)
+
+
+def _replay_check(profile: Profile) -> list[str]:
+    replay, grid = [], []
+    for row, sample in zip(profile.steps, profile.samples(), strict=True):
+        (replay if row.get("kind") == "replay" else grid).append(sample)
+    if not replay:
+        return []
+    try:
+        model = LinearCostModel.fit(grid)
+    except ValueError as error:
+        return [f"replay steps: no fit to the grid points alone ({error})"]
+    predicted = [model.predict(f) for f, _ in replay]
+    measured = [s for _, s in replay]
+    errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured, strict=True))
+    return [
+        f"replay steps ({len(replay)}) predicted by a fit to the grid points alone: median "
+        f"error {statistics.median(errors):.1%}, p90 {errors[int(0.9 * (len(errors) - 1))]:.1%}, "
+        f"total time {sum(predicted) / sum(measured) - 1:+.1%}"
+    ]
 
 
 # ---- command line ---------------------------------------------------------------------------
