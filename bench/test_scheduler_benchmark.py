@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.model_engine import build_forward_batch
+from engine.model_engine import build_forward_batch, flatten_batch
 from engine.request import Request, RequestState, SamplingParams
 from engine.scheduler import Scheduler
 from policies import registry
@@ -82,3 +82,14 @@ def test_input_preparation(benchmark):
     inputs = benchmark(build_forward_batch, batch, kv, torch.device("cpu"))
     assert inputs.num_seqs == NUM_RUNNING and inputs.num_tokens == NUM_RUNNING
     assert inputs.block_tables.shape == (NUM_RUNNING, PROMPT_LEN // TOKENS_PER_BLOCK + 1)
+
+
+def test_decode_flatten(benchmark):
+    """Host time of ``flatten_batch`` alone at 256 decodes: the host lists that both the CUDA
+    graph runner (``DecodeGraphRunner.load``) and the eager path start from."""
+    scheduler, kv, active = build_state("max_utilization", False)
+    batch = scheduler.schedule_request(active, kv)
+    kv.prepare_resources(batch)
+    host = benchmark(flatten_batch, batch, kv)
+    assert host.num_seqs == NUM_RUNNING and host.is_decode_only
+    assert host.positions == [PROMPT_LEN] * NUM_RUNNING

@@ -25,6 +25,7 @@ frees only blocks that no one else holds or reserved.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,13 @@ class KVCacheManager(BaseResourceManager):
 
     # ---- for the model engine ---------------------------------------------------------------
     @abstractmethod
-    def get_block_ids(self, request: Request) -> list[int]: ...
+    def get_block_ids(self, request: Request) -> list[int]:
+        """``request``'s block table (a copy the caller may keep), in token order."""
+
+    def block_id_rows(self, requests: Sequence[Request]) -> list[Sequence[int]]:
+        """The block tables of ``requests``, for reading within this step only: a manager may
+        return its own lists rather than copies (the model engine reads 256 of them a step)."""
+        return [self.get_block_ids(r) for r in requests]
 
     @abstractmethod
     def allocate_pool(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ class HostBatch:
     query_start_loc: list[int]
     seq_lens: list[int]
     logits_indices: list[int]
-    block_rows: list[list[int]]
+    block_rows: list[Sequence[int]]  # the KV manager's own rows: read them this step only
     num_context_seqs: int
     num_context_tokens: int
 
@@ -148,7 +149,7 @@ def flatten_batch(batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> H
     query_start_loc = [0]
     seq_lens: list[int] = []
     logits_indices: list[int] = []
-    block_rows: list[list[int]] = []
+    block_rows: list[Sequence[int]] = []
 
     for request in batch.context_requests:
         start = request.num_computed_tokens
@@ -169,8 +170,9 @@ def flatten_batch(batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> H
     generations = batch.generation_requests
     if generations:
         first = len(input_ids)
-        gen_positions = [r.num_tokens - 1 for r in generations]  # last sampled, not yet cached
-        gen_rows = [kv_cache_manager.get_block_ids(r) for r in generations]
+        # The last sampled token, not yet cached (num_tokens - 1, without the property call).
+        gen_positions = [len(r.prompt_token_ids) + len(r.output_token_ids) - 1 for r in generations]
+        gen_rows = kv_cache_manager.block_id_rows(generations)
         input_ids += [r.output_token_ids[-1] for r in generations]
         positions += gen_positions
         slots += [

@@ -27,6 +27,7 @@ simulator never calls it).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -424,6 +425,12 @@ class PagedKVCacheManager(KVCacheManager):
     def get_block_ids(self, request: Request) -> list[int]:
         """The request's block table (a copy), in token order; empty if it holds none."""
         return list(self._block_ids.get(request, ()))
+
+    def block_id_rows(self, requests: Sequence[Request]) -> list[Sequence[int]]:
+        """The block tables themselves, no copies (read them before the next step changes
+        them); a request that holds none gets an empty tuple."""
+        tables = self._block_ids
+        return [tables.get(r, ()) for r in requests]
 
     def get_needed_resource_to_completion(self, request: Request) -> int:
         return num_blocks_for(request.max_num_tokens, self.tokens_per_block)
