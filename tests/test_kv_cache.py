@@ -129,7 +129,6 @@ def test_generation_grows_one_block_at_a_boundary() -> None:
         assert kv.get_block_ids(a) == block_ids
 
 
-
 def test_block_id_rows_are_the_live_tables_without_copies() -> None:
     """What the model engine reads every step: the same ids as get_block_ids, no copy made (a
     copy per request per step was a third of the input preparation at 256 decodes)."""
@@ -143,6 +142,7 @@ def test_block_id_rows_are_the_live_tables_without_copies() -> None:
     copy = kv.get_block_ids(a)
     copy.append(99)  # a copy: the caller may keep and change it
     assert kv.get_block_ids(a) == [0, 1, 2]
+
 
 # ---- free order ----------------------------------------------------------------------------------
 def test_uncached_blocks_return_to_the_front() -> None:
