@@ -347,9 +347,9 @@ class _Profiler:
         for batch in sorted(self.grid.decode_batch_sizes):
             new_tokens = limits.setup_steps(batch, context) + timed + 2
             reason = limits.decodes_misfit(batch, context, new_tokens)
-            if reason is not None:  # a larger batch cannot fit either: every check grows with B
+            if reason is not None:  # each skipped point is listed (larger ones fail too)
                 self._skip("decode", f"B={batch} c={context}", reason)
-                break
+                continue
             requests = self._start_decodes(batch, context, new_tokens, timed)
             self._measure(
                 "decode",
