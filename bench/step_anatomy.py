@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+import kernels
 from bench.decode_steps import build_llm, synchronize
 from engine import SamplingParams
+from engine.sim.profiler import overridden
 
 
 def timed_step(llm) -> float:
@@ -53,11 +55,8 @@ def decode_times(llm, resident: int, batch: int, g: torch.Generator) -> list[flo
     llm.executor.enqueue_requests(requests)
     while not all(r.is_generation or r.is_finished for r in requests):
         llm.executor.step()
-    microbatch = llm.microbatch_scheduler
-    old = microbatch.max_batch_size
-    microbatch.max_batch_size = batch
-    seconds = [timed_step(llm) for _ in range(12)][2:]
-    microbatch.max_batch_size = old
+    with overridden(llm.microbatch_scheduler, max_batch_size=batch):
+        seconds = [timed_step(llm) for _ in range(12)][2:]
     llm.executor.run()
     return seconds
 
@@ -94,8 +93,6 @@ def host_phases(llm, length: int, g: torch.Generator) -> dict[str, float]:
 
 def launch_costs(device: str, hidden: int) -> dict[str, float]:
     """Host microseconds per call of a Triton kernel and of a torch GEMM on tiny inputs."""
-    import kernels
-
     x = torch.randn(16, hidden, device=device, dtype=torch.bfloat16)
     w = torch.randn(hidden, device=device, dtype=torch.bfloat16)
     m = torch.randn(hidden, hidden, device=device, dtype=torch.bfloat16)
@@ -136,8 +133,6 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     if args.fast_launch is not None:
-        import kernels
-
         kernels.use_fast_launch(args.fast_launch)
     llm = build_llm(args.preset, args.device, 1024)
     g = torch.Generator().manual_seed(0)
@@ -150,12 +145,8 @@ def main() -> None:
         resident, batch = map(int, point.split(":"))
         seconds = decode_times(llm, resident, batch, g)
         decodes.append((resident, batch, statistics.median(seconds) * 1e3))
-    import sys
-    import threading
-
     phases = [host_phases(llm, n, g) for n in map(int, args.tokens.split(","))]
     costs = launch_costs(args.device, llm.model_engine.model.hf_model.config.hidden_size)
-    threads = [t.name for t in threading.enumerate()]
     length = int(args.tokens.split(",")[0])
     vocab = llm.model_engine.vocab_size
     prompt = torch.randint(10, vocab - 10, (length,), generator=g).tolist()
@@ -184,9 +175,6 @@ def main() -> None:
     print("\npreset    tokens  median ms  min ms")
     for length, median, low in rows:
         print(f"{args.preset:9s} {length:6d} {median:10.2f} {low:7.2f}")
-    import kernels
-
-    print(f"threads {threads}, switch interval {sys.getswitchinterval()}")
     print(f"fast launch {kernels.LAUNCHERS[0].enabled}: {kernels.num_fast_launches()} launches")
     print("launch costs", {k: round(v, 1) for k, v in costs.items()})
     for length, times in zip(args.tokens.split(","), phases, strict=True):

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from triton import knobs
+from triton.runtime.driver import driver
 
 FAST_LAUNCH = os.environ.get("SCHEDLAB_FAST_LAUNCH", "0") == "1"
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -73,13 +75,12 @@ class FastLauncher:
         if not self.enabled or _INTERPRET or not self._names or not _is_cuda(args):
             self.fn[grid](*args, **kwargs)
             return
-        from triton import knobs
-
         runtime = knobs.runtime
         if _is_hooked(runtime.launch_enter_hook) or _is_hooked(runtime.launch_exit_hook):
             self.fn[grid](*args, **kwargs)  # hooks want JITFunction.run's launch metadata
             return
-        key = (tuple(sorted(kwargs.items())), *map(_spec, args))
+        # A call site passes its keywords in one order; another order only costs an entry.
+        key = (tuple(kwargs.items()), *map(_spec, args))
         kernel = self._kernels.get(key)
         if kernel is None:  # the ordinary path: compiles if needed, returns the kernel
             self._kernels[key] = self.fn[grid](*args, **kwargs)
@@ -105,8 +106,6 @@ def _is_hooked(hook: Any) -> bool:
 
 
 def _current_stream() -> int:
-    from triton.runtime.driver import driver
-
     return driver.active.get_current_stream(driver.active.get_current_device())
 
 

@@ -143,17 +143,14 @@ class LinearCostModel(CostModel):
     prefill: Mapping[str, float] | None = None
     floors: Mapping[str, float] = field(default_factory=dict)  # kind -> seconds (default 0)
 
-    def kind_of(self, features: StepFeatures) -> str:
-        if features.is_decode_only:
-            return "decode"
-        if features.num_decode_seqs == 0 and self.prefill is not None:
-            return "prefill"
-        return "mixed"
-
     def predict(self, features: StepFeatures) -> float:
         # Runs once a simulated step: attribute reads, no dict of the features.
-        kind = self.kind_of(features)
-        coefficients = getattr(self, kind)
+        if features.num_context_tokens == 0:
+            kind, coefficients = "decode", self.decode
+        elif features.num_decode_seqs == 0 and self.prefill is not None:
+            kind, coefficients = "prefill", self.prefill
+        else:
+            kind, coefficients = "mixed", self.mixed
         seconds = 0.0
         for term, weight in coefficients.items():
             seconds += weight if term == "intercept" else weight * getattr(features, term)

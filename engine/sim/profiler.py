@@ -263,7 +263,7 @@ def causal_pairs(chunk: int, prefix: int = 0) -> float:
 
 
 @contextmanager
-def _overridden(obj: Any, **values: Any) -> Iterator[None]:
+def overridden(obj: Any, **values: Any) -> Iterator[None]:
     """Set attributes for the duration of a block, then put the old values back."""
     old = {name: getattr(obj, name) for name in values}
     for name, value in values.items():
@@ -494,7 +494,7 @@ class _Profiler:
 
             def prepare(prefix: int = prefix, tokens: int = tokens, label: str = label) -> None:
                 self.executor.enqueue_requests(self._requests([prefix + tokens], 1))
-                with _overridden(self.microbatch, max_num_tokens=prefix):
+                with overridden(self.microbatch, max_num_tokens=prefix):
                     _, features = self._step(f"chunked {label} (prefix chunk)")
                 _check(
                     features,
@@ -502,7 +502,7 @@ class _Profiler:
                     {"num_context_tokens": prefix, "num_decode_seqs": 0},
                 )
 
-            with _overridden(self.microbatch, max_num_tokens=tokens):
+            with overridden(self.microbatch, max_num_tokens=tokens):
                 self._measure(
                     "chunked",
                     f"chunked {label}",
@@ -551,13 +551,14 @@ class _Profiler:
         ]
         waiting.reverse()  # pop() from the end: first request first
         everyone = list(waiting)
+        num_steps = 0
         while waiting or self.executor.has_unfinished_requests:
             if waiting:
                 self.executor.enqueue_requests([waiting.pop()])
             seconds, features = self._step("replay")
             self.rows.append({"kind": "replay", **features.as_dict(), "seconds": seconds})
+            num_steps += 1
         self._drain(everyone, "replay")
-        num_steps = sum(row["kind"] == "replay" for row in self.rows)
         self._log(
             f"replay  {num_requests} requests: {num_steps} steps "
             f"({time.perf_counter() - started:.1f} s)"
