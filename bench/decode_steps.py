@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=CONTEXT)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # results go under it
     bandwidth = copy_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s ({name})")

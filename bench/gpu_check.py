@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--skip-tiny", action="store_true")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # results go under it
     env = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

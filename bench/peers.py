@@ -282,6 +282,7 @@ def main() -> None:
     parser.add_argument("--decode-batches", default="1,8,32,64,128,256", help="'' to skip")
     parser.add_argument("--context", type=int, default=1024, help="decode-step context")
     args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # results go under it
     bandwidth, flops = machine_rates(args.device)
     print(f"copy {bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
     rows, decode_rows = [], []

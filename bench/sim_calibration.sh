@@ -9,8 +9,9 @@
 #   mkdir -p .traces && cp ../shared/traces/azure_llm_2023_conv.csv .traces/   # carry .traces
 # Writes OUT_DIR/<model>.json (the profile: commit it as engine/sim/profiles/h100/<model>.json),
 # OUT_DIR/fidelity-<workload>-<model>.{csv,png}, and OUT_DIR/calibration-<model>.tar.gz holding
-# the real and simulated result directories (RESULTS, default a temporary directory), so that
-# few files come back from a device call. A failing step is reported and the rest still run.
+# the real and simulated result directories and each pair's steps.csv (the profile's error on
+# every real step; RESULTS, default a temporary directory), so that few files come back from a
+# device call. A failing step is reported and the rest still run.
 # REAL_REPEAT=1 also runs the Azure window real twice (the real engine's run-to-run spread).
 set -uo pipefail
 OUT=${1:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
@@ -50,8 +51,9 @@ for name in fcfs azure; do
   real=$(find "$RESULTS/real/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
   sim=$(find "$RESULTS/sim/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
   if [[ -n $real && -n $sim ]]; then
+    # --profile: also the profile's prediction of every real step (steps.csv), by kind and size
     step "fidelity $name" python -m harness.fidelity "$real" "$sim" \
-      --out "$RESULTS/fidelity/$name-$MODEL"
+      --out "$RESULTS/fidelity/$name-$MODEL" --profile "$PROFILE"
     for f in "$RESULTS/fidelity/$name-$MODEL"/fidelity.*; do
       cp "$f" "$OUT/fidelity-$name-$MODEL.${f##*.}"
     done

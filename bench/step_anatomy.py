@@ -131,6 +131,7 @@ def main() -> None:
         "the SCHEDLAB_FAST_LAUNCH environment variable",
     )
     args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # results go under it
     out = Path(args.out)
     if args.fast_launch is not None:
         kernels.use_fast_launch(args.fast_launch)

@@ -135,6 +135,8 @@ class PyExecutor:
 
         forward_start = time.perf_counter()
         finished: list[Request] = []
+        work = (0.0, 0)  # (context_attention, decode_kv_tokens), for the iteration row
+        enqueue_time = 0.0
         if batch.is_empty:
             finished = self._resolve_stall(start)
         else:
@@ -144,7 +146,11 @@ class PyExecutor:
                     request.start(start)
             self.resource_manager.prepare_resources(batch)
             sampling_requests = batch.sampling_requests  # after prefix hits moved the counters
+            work = (batch.context_attention, batch.decode_kv_tokens)
             logits = self.model_engine.forward(batch, self.kv_cache_manager)
+            # On a GPU, forward returns once its kernels are queued; the decoder then waits for
+            # them. A step whose forward_time is close to this is bound by the host.
+            enqueue_time = time.perf_counter() - forward_start
             new_tokens = self.decoder.decode(sampling_requests, logits)
             now = self.clock.now()
             for request in batch.context_requests:
@@ -176,6 +182,8 @@ class PyExecutor:
             num_rejected,
             num_active,
             len(finished),
+            work,
+            enqueue_time,
         )
         self.clock.tick()
         if self.decode_run is not None and not batch.is_empty:
@@ -225,6 +233,8 @@ class PyExecutor:
         num_rejected: int,
         num_active: int,
         num_completed: int,
+        work: tuple[float, int],
+        enqueue_time: float,
     ) -> IterationStats:
         kv = self.kv_cache_manager.get_kv_cache_stats()
         num_pending = num_paused = 0
@@ -256,6 +266,9 @@ class PyExecutor:
             num_running_requests=len(self.active_requests) - num_pending,
             num_waiting_paused_requests=num_paused,
             input_prep_time=0.0 if batch.is_empty else self.model_engine.last_input_prep_time,
+            context_attention=work[0],
+            decode_kv_tokens=work[1],
+            forward_enqueue_time=enqueue_time,
         )
         self._num_iterations += 1
         self.iteration_stats.append(stats)

@@ -58,6 +58,22 @@ class SchedulerOutput:
         return self.num_context_tokens + len(self.generation_requests)
 
     @property
+    def context_attention(self) -> float:
+        """Causal query-key pairs of the context chunks: each of a chunk's tokens attends to
+        the request's computed prefix and to the chunk's tokens up to itself. Read it after
+        ``prepare_resources`` (prefix hits counted) and before the counters advance."""
+        pairs = 0.0
+        for request in self.context_requests:
+            chunk = request.context_chunk_size
+            pairs += chunk * (request.num_computed_tokens + (chunk + 1) / 2)
+        return pairs
+
+    @property
+    def decode_kv_tokens(self) -> int:
+        """KV entries the generation requests' attention reads (their lengths, new token in)."""
+        return sum(r.num_tokens for r in self.generation_requests)
+
+    @property
     def is_empty(self) -> bool:
         return not self.context_requests and not self.generation_requests
 

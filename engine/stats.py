@@ -33,6 +33,13 @@ class IterationStats:
     num_running_requests: int = 0  # after the step: started, holding KV
     num_waiting_paused_requests: int = 0  # after the step: preempted, waiting to be recomputed
     input_prep_time: float = 0.0  # host time building the model's inputs (part of forward_time)
+    # The batch's work as the simulator's cost model sees it (engine/sim/cost_model.py), so a
+    # real run's steps can be checked against a profile's predictions one by one.
+    context_attention: float = 0.0  # causal query-key pairs of the context chunks
+    decode_kv_tokens: int = 0  # KV entries read by the generation requests' attention
+    # host time until model_engine.forward returned: its kernels queued, not necessarily run
+    # (part of forward_time; the rest is mostly the wait for the device)
+    forward_enqueue_time: float = 0.0
 
     @property
     def num_scheduled_tokens(self) -> int:

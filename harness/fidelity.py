@@ -10,6 +10,11 @@ For each matched pair and each metric (P50/P90/P99 of TTFT, TPOT and E2E latency
 request throughput) it reports the relative error ``(sim - real) / real`` and whether it is
 within the target (5% for latencies, 3% for throughputs), prints the table, and writes
 ``fidelity.csv`` and ``fidelity.png`` (errors per metric, targets shaded) under ``--out``.
+
+``--profile PROFILE`` also checks the cost model step by step: every step of the real runs
+(``iterations.parquet`` holds each step's work as the cost model sees it) is predicted from the
+profile and compared with its measured time, per kind of step and size (``steps.csv``). Where the
+end metrics are off, this says which steps the profile mispredicts, with no simulation between.
 """
 
 from __future__ import annotations
@@ -39,12 +44,16 @@ def run_summaries(path: Path) -> dict[str, dict]:
     for run in runs:
         if run.status != "ok":
             continue
-        overrides = {k: v for k, v in run.overrides.items() if not k.startswith(ENGINE_KEYS)}
-        key = ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "run"
-        summaries[key] = run.summary
+        summaries[variant_key(run)] = run.summary
     if not summaries:
         raise ValueError(f"{path}: no successful run to compare")
     return summaries
+
+
+def variant_key(run) -> str:
+    """A run's overrides, less those that pick the engine: the same for its real and sim run."""
+    overrides = {k: v for k, v in run.overrides.items() if not k.startswith(ENGINE_KEYS)}
+    return ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "run"
 
 
 def compare(real: dict[str, dict], sim: dict[str, dict]) -> pd.DataFrame:
@@ -72,6 +81,77 @@ def compare(real: dict[str, dict], sim: dict[str, dict]) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+STEP_KINDS = ("decode", "prefill", "mixed")
+
+
+def step_table(real: Path, profile_path: Path) -> pd.DataFrame:
+    """One row per (variant, kind of step, size): the real steps' count, measured and predicted
+    total seconds, their ratio - 1 (``bias``) and the median and P90 of the per-step relative
+    error ``(predicted - measured) / measured``."""
+    import numpy as np
+
+    from engine.sim.cost_model import StepFeatures
+    from engine.sim.profile import Profile
+    from harness.results import RunResult, load
+
+    model = Profile.load(profile_path).cost_model()
+    result = load(real)
+    runs = [result] if isinstance(result, RunResult) else result.runs
+    tables = []
+    for run in runs:
+        steps = run.iterations
+        if run.status != "ok" or steps.empty:
+            continue
+        if "decode_kv_tokens" not in steps:
+            raise ValueError(
+                f"{run.path}: iterations.parquet has no decode_kv_tokens column (recorded since "
+                "2026-11-28); run the real engine again to check its steps"
+            )
+        steps = steps[(steps.num_context_tokens > 0) | (steps.num_generation_requests > 0)]
+        predicted = [
+            model.predict(
+                StepFeatures(
+                    num_context_seqs=int(row.num_context_requests),
+                    num_context_tokens=int(row.num_context_tokens),
+                    context_attention=float(row.context_attention),
+                    num_decode_seqs=int(row.num_generation_requests),
+                    decode_kv_tokens=int(row.decode_kv_tokens),
+                )
+            )
+            for row in steps.itertuples()
+        ]
+        has_context, has_decodes = steps.num_context_tokens > 0, steps.num_generation_requests > 0
+        frame = pd.DataFrame(
+            {
+                "variant": variant_key(run),
+                "kind": np.select([~has_context, ~has_decodes], ["decode", "prefill"], "mixed"),
+                # the size that moves a step's time most: decode rows, or context tokens
+                "size": np.where(
+                    has_context, steps.num_context_tokens, steps.num_generation_requests
+                ),
+                "measured": steps.step_latency.to_numpy(),
+                "predicted": predicted,
+            }
+        )
+        tables.append(frame)
+    if not tables:
+        raise ValueError(f"{real}: no successful run with steps to check")
+    frame = pd.concat(tables, ignore_index=True)
+    frame["error"] = (frame.predicted - frame.measured) / frame.measured
+    edges = [0, 16, 64, 256, 1024, 4096, float("inf")]
+    frame["size"] = pd.cut(frame["size"], edges, right=False).astype(str)
+    grouped = frame.groupby(["variant", "kind", "size"], sort=True)
+    table = grouped.agg(
+        steps=("error", "size"),
+        measured_s=("measured", "sum"),
+        predicted_s=("predicted", "sum"),
+        median_error=("error", "median"),
+        p90_abs_error=("error", lambda e: e.abs().quantile(0.9)),
+    ).reset_index()
+    table["bias"] = table.predicted_s / table.measured_s - 1
+    return table
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
@@ -108,9 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("real", type=Path, help="run or sweep directory of the real engine")
     parser.add_argument("sim", type=Path, help="the same runs on executor.engine=sim")
     parser.add_argument("--out", type=Path, default=None, help="default: the sim directory")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="also check its cost model on each real step"
+    )
     args = parser.parse_args(argv)
     try:
         table = compare(run_summaries(args.real), run_summaries(args.sim))
+        steps = None if args.profile is None else step_table(args.real, args.profile)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -125,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     print(shown.to_string(index=False))
     within = int(table["within_target"].sum())
     print(f"\n{within}/{len(table)} within target; wrote {out / 'fidelity.csv'} and fidelity.png")
+    if steps is not None:
+        steps.to_csv(out / "steps.csv", index=False)
+        print("\nthe profile's cost model on each real step (errors in %; wrote steps.csv)")
+        percent = {c: (100 * steps[c]).round(1) for c in ("median_error", "p90_abs_error", "bias")}
+        shown = steps.assign(**percent).round(3)
+        for variant, rows in shown.groupby("variant", sort=False):
+            print(f"{variant}\n{rows.drop(columns='variant').to_string(index=False)}")
     return 0
 
 

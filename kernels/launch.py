@@ -14,9 +14,9 @@ plus the constexpr values and options. Our key holds all of these for every argu
 ``do_not_specialize`` says: it never maps two calls that Triton would compile differently to one
 kernel; at worst it has more entries than Triton's cache, each found by one ordinary launch.
 
-Off by default (``SCHEDLAB_FAST_LAUNCH=1`` turns it on) until a GPU run has checked it; under
-Triton's interpreter, with launch hooks set (profilers), or on CPU tensors it always takes the
-ordinary path.
+On by default since the H100 run of 2026-11-28 (``tests/test_cuda_graphs.py``: the same tokens
+with it on and off); ``SCHEDLAB_FAST_LAUNCH=0`` turns it off. Under Triton's interpreter, with
+launch hooks set (profilers), or on CPU tensors it always takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from triton import knobs
 from triton.runtime.driver import driver
 
-FAST_LAUNCH = os.environ.get("SCHEDLAB_FAST_LAUNCH", "0") == "1"
+FAST_LAUNCH = os.environ.get("SCHEDLAB_FAST_LAUNCH", "1") == "1"
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

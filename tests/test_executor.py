@@ -63,6 +63,21 @@ def test_iteration_stats_account_for_every_token():
     assert stats[0].num_new_requests == 5 and stats[0].num_active_requests == 5
 
 
+def test_iteration_rows_carry_the_work_the_cost_model_sees():
+    """A prompt of 6 in chunks of 4 then 2, then decodes: each row holds the chunk's causal
+    query-key pairs and the KV length its decode reads (prompt + outputs, new token in)."""
+    executor = build_executor(dict(CONFIG, max_num_tokens=4))
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    executor.enqueue_requests([Request(0, [5, 6, 7, 8, 9, 10], params)])
+    executor.run()
+    rows = [
+        (s.num_context_tokens, s.context_attention, s.decode_kv_tokens)
+        for s in executor.iteration_stats
+    ]
+    # chunk of 4 behind 0 computed: 4 * (0 + 5/2); chunk of 2 behind 4: 2 * (4 + 3/2)
+    assert rows == [(4, 10.0, 0), (2, 11.0, 0), (0, 0.0, 7), (0, 0.0, 8)]
+
+
 def test_stop_tokens_and_eos_finish_early():
     executor = build_executor(CONFIG)
     prompt = [5, 6, 7]

@@ -52,3 +52,38 @@ def test_cli_on_result_directories(tmp_path: Path):
     assert len(table) == len(TARGETS) and (table["relative_error"] == 0).all()
     assert (report / "fidelity.png").stat().st_size > 0
     assert main([str(tmp_path / "missing"), str(run)]) == 2
+
+
+def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path, capsys):
+    """Each iteration row carries the work the cost model saw (fast-forwarded rows included),
+    so predicting a sim run's steps from its own profile gives back their times exactly; a run
+    written before those columns existed is refused with a reason."""
+    from tests.test_sim import synthetic_profile
+
+    profile = tmp_path / "llama-1b.json"
+    synthetic_profile("llama-1b").save(profile)
+    out = tmp_path / "runs"
+    harness(
+        out,
+        "executor.engine=sim",
+        f"executor.profile={profile}",
+        "model=llama-1b",
+        "workload.num_requests=40",
+        "progress=false",
+    )
+    run = only_dir(out / "default")
+    report = tmp_path / "report"
+    assert main([str(run), str(run), "--out", str(report), "--profile", str(profile)]) == 0
+    steps = pd.read_csv(report / "steps.csv")
+    assert {"decode", "mixed"} <= set(steps["kind"])
+    assert (
+        steps["steps"].sum() == (pd.read_parquet(run / "iterations.parquet").step_latency > 0).sum()
+    )
+    for column in ("median_error", "p90_abs_error", "bias"):
+        assert steps[column].abs().max() < 1e-9, column
+    assert "cost model on each real step" in capsys.readouterr().out
+
+    iterations = pd.read_parquet(run / "iterations.parquet")
+    iterations.drop(columns="decode_kv_tokens").to_parquet(run / "iterations.parquet")
+    assert main([str(run), str(run), "--out", str(report), "--profile", str(profile)]) == 2
+    assert "no decode_kv_tokens column" in capsys.readouterr().err

@@ -3,6 +3,7 @@ policies as the real engine (same schedule, step for step, given the same step t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -261,7 +262,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 from engine.stats import IterationStats  # noqa: E402
 
-HOST_TIME_FIELDS = {"scheduling_time", "forward_time", "input_prep_time"}  # wall, not simulated
+HOST_TIME_FIELDS = {  # wall, not simulated
+    "scheduling_time",
+    "forward_time",
+    "input_prep_time",
+    "forward_enqueue_time",
+}
 
 
 def stats_rows(llm: LLM) -> list[tuple]:
@@ -373,6 +379,30 @@ def test_linear_fit_keeps_every_coefficient_non_negative():
     assert model.predict(big) > 0
 
 
+def test_a_term_constant_in_every_sample_is_left_to_the_intercept():
+    """Every mixed step below has one context sequence: its per-sequence cost cannot be told
+    from the intercept, so it gets none (else a step with four would pay the base four times)."""
+    mixed = [
+        StepFeatures(
+            num_context_seqs=1,
+            num_context_tokens=t,
+            context_attention=t * (t + 1) / 2,
+            num_decode_seqs=r,
+            decode_kv_tokens=r * c,
+        )
+        for t in (256, 1024, 4096)
+        for r in (16, 64, 255)
+        for c in (512, 1536)
+    ]
+    samples = [(f, 0.02 + 1e-6 * f.num_context_tokens + 4e-8 * f.decode_kv_tokens) for f in mixed]
+    samples += [s for s in synthetic_profile("llama-8b").samples() if s[0].is_decode_only]
+    model = LinearCostModel.fit(samples)
+    assert model.mixed["num_context_seqs"] == 0.0
+    assert model.mixed["intercept"] == pytest.approx(0.02, rel=1e-6)
+    four = dataclasses.replace(mixed[0], num_context_seqs=4)
+    assert model.predict(four) == pytest.approx(model.predict(mixed[0]), rel=1e-9)
+
+
 def test_budgets_beyond_the_profile_are_reported(caplog):
     profile = synthetic_profile("llama-1b")  # largest steps: 136 sequences; 8,192 tokens
     with caplog.at_level("WARNING", logger="engine.llm"):
@@ -402,18 +432,26 @@ def test_a_host_floor_is_fitted_where_short_steps_cost_the_same():
         for t in (16, 256, 1024, 4096, 8192)
         for r in (16, 64, 255)
     ]
-    decode = [StepFeatures(num_decode_seqs=b, decode_kv_tokens=b * 512) for b in (1, 8, 64, 256)]
+    decode = [
+        StepFeatures(num_decode_seqs=b, decode_kv_tokens=b * c)
+        for b in (1, 8, 64, 256)
+        for c in (512, 2048)
+    ]
 
     def measured(f: StepFeatures) -> float:
+        decodes = 2e-5 * f.num_decode_seqs + 1e-8 * f.decode_kv_tokens
         if f.is_decode_only:
-            return 0.006 + 2e-5 * f.num_decode_seqs
-        floor = 0.015 if f.num_decode_seqs == 0 else 0.02
-        return max(floor, 0.002 + 2.5e-5 * f.num_context_tokens + 1e-5 * f.num_decode_seqs)
+            return 0.006 + decodes
+        if f.num_decode_seqs == 0:
+            return max(0.015, 0.002 + 2.5e-5 * f.num_context_tokens)
+        # a mixed step: its contexts' work plus its decodes' work, above its own floor
+        return max(0.02, 0.004 + 2.5e-5 * f.num_context_tokens + decodes)
 
     model = LinearCostModel.fit([(f, measured(f)) for f in prefill + mixed + decode])
     assert model.prefill is not None  # enough prefill-only steps for their own fit
     assert math.isclose(model.floors["prefill"], 0.015, rel_tol=1e-6)
     assert math.isclose(model.floors["mixed"], 0.02, rel_tol=1e-6)
+    assert math.isclose(model.mixed["intercept"], 0.004, rel_tol=1e-6)
     for f in prefill + mixed + decode:
         assert math.isclose(model.predict(f), measured(f), rel_tol=1e-6), f
     # One line (least squares on relative error, no floor) misses the short steps by far more.

@@ -7,6 +7,7 @@ profile that loads back and fits. Timings are only checked to be positive.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from engine.sim.profiler import (
     free_bytes_for_kv,
     main,
     profile_engine,
+    split_tokens,
 )
 from policies.kv_cache.paged import PagedKVCacheManager
 
@@ -69,19 +71,20 @@ def test_grids_have_points_of_every_kind_within_the_engine_limits():
     assert GRID.num_points() == {
         "decode": 6,
         "prefill": 4,
-        "mixed": 4,
+        "mixed": 8,
         "chunked": 2,
         "replay": 6,
     }
     full = ProfileGrid.full(256, 8192)
     assert full.num_points() == {
-        "decode": 36,
+        "decode": 45,
         "prefill": 21,
-        "mixed": 18,
+        "mixed": 54,
         "chunked": 3,
         "replay": 300,
     }
-    assert full.mixed_contexts == (512, 2048)  # two KV lengths: decode rows vs KV bytes
+    assert full.mixed_contexts == (512, 1536, 2048)  # KV lengths: decode rows vs KV bytes
+    assert full.mixed_prefill_points[:2] == [(256, 1), (256, 4)]  # a prompt's cost vs a step's
     assert full.mixed_decodes == (16, 64, 255)  # and one slot for the prefill
     smaller = ProfileGrid.full(max_batch_size=64, max_num_tokens=2048)
     assert max(smaller.decode_batch_sizes) == 64 and max(smaller.prefill_tokens) == 2048
@@ -145,16 +148,14 @@ def test_mixed_and_chunked_points_carry_decodes_or_a_prefix(profiled):
     _, profile = profiled
     mixed = rows(profile, "mixed")
     context = GRID.mixed_contexts[0]
-    assert {(r["num_decode_seqs"], r["num_context_tokens"]) for r in mixed} == {
-        (2, 8),
-        (2, 32),
-        (4, 8),
-        (4, 32),
-    }
+    shapes = {(r["num_decode_seqs"], r["num_context_tokens"], r["num_context_seqs"]) for r in mixed}
+    assert shapes == {(r, t, s) for r in (2, 4) for t in (8, 32) for s in (1, 2)}
     for row in mixed:
-        decodes, tokens = row["num_decode_seqs"], row["num_context_tokens"]
-        assert row["num_context_seqs"] == 1
-        assert row["context_attention"] == causal_pairs(tokens)
+        decodes, tokens, seqs = (
+            row[k] for k in ("num_decode_seqs", "num_context_tokens", "num_context_seqs")
+        )
+        prompts = split_tokens(tokens, seqs)  # all S prompts ran in the one timed step
+        assert row["context_attention"] == sum(causal_pairs(n) for n in prompts)
         assert decodes * context <= row["decode_kv_tokens"] <= decodes * (context + 40)
     chunked = rows(profile, "chunked")
     assert sorted(r["num_context_tokens"] for r in chunked) == [8, 32]
@@ -162,6 +163,24 @@ def test_mixed_and_chunked_points_carry_decodes_or_a_prefix(profiled):
         tokens = row["num_context_tokens"]
         assert row["num_context_seqs"] == 1 and row["num_decode_seqs"] == 0
         assert row["context_attention"] == causal_pairs(tokens, GRID.chunked_prefix)
+
+
+def test_every_step_records_its_host_enqueue_time(profiled):
+    """The host's share of each timed step (until its forward returned): positive and within
+    the step (on a CPU the forward runs as it is called, so it is most of the step)."""
+    _, profile = profiled
+    for row in profile.steps:
+        assert 0 < row["host_seconds"] <= row["seconds"], row
+
+    def decode_row(report: str) -> list[str]:  # the error table's decode row
+        return next(r.split() for r in report.splitlines() if re.match(r"  decode +\d+ ", r))
+
+    assert decode_row(fit_report(profile))[-1].endswith("%")  # the report's host column
+    without = dataclasses.replace(
+        profile,
+        steps=[{k: v for k, v in row.items() if k != "host_seconds"} for row in profile.steps],
+    )
+    assert decode_row(fit_report(without))[-1] == "-"  # profiles made before it was recorded
 
 
 def test_replay_times_every_step_of_a_short_serving_run(profiled):

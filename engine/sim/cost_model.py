@@ -18,13 +18,15 @@ Two models, one interface (``CostModel.predict``):
   and matmul rate: a step costs max(read the weights, the GEMM FLOPs) plus its attention's KV
   bytes and FLOPs plus a fixed overhead. No profile needed; a floor, not a fit.
 - ``LinearCostModel``: least squares over a profile of the real engine, fitted separately for
-  decode-only steps (CUDA graphs: one launch, linear in rows and KV bytes) and steps that carry
-  context tokens (eager: FLOP-bound), each as a weighted sum of the features above plus an
-  intercept, weighted to minimise the relative error, with no coefficient below zero. Each kind
-  also gets a floor: ``seconds = max(floor, linear)``. An eager step launches every layer's
-  kernels from Python, so a short one costs the host's launch time (tens of ms for a 32-layer
-  model on a slow host) however few tokens it has; the device time (the linear part) overtakes
-  it only at a few thousand tokens, and one straight line cannot fit both sides of that knee::
+  decode-only steps (CUDA graphs: one launch, linear in rows and KV bytes) and prefill steps
+  (eager: FLOP-bound), each as a weighted sum of the features above plus an intercept, weighted
+  to minimise the relative error, with no coefficient below zero. A mixed step (prompts and
+  decodes) costs its prompts' work plus its decodes' work, at those two fits' rates, plus its own
+  intercept. Each kind also gets a floor: ``seconds = max(floor, linear)``. An eager step
+  launches every layer's kernels from Python, so a short one costs the host's launch time (tens
+  of ms for a 32-layer model on a slow host) however few tokens it has; the device time (the
+  linear part) overtakes it only at a few thousand tokens, and one straight line cannot fit both
+  sides of that knee::
 
       seconds |            /  linear (device)
               |           /
@@ -56,17 +58,12 @@ class StepFeatures:
     @classmethod
     def of(cls, batch: SchedulerOutput) -> StepFeatures:
         """Features of a scheduled batch, after ``prepare_resources`` (prefix hits counted)."""
-        attention = 0.0
-        for request in batch.context_requests:
-            chunk = request.context_chunk_size
-            attention += chunk * (request.num_computed_tokens + (chunk + 1) / 2)
-        generations = batch.generation_requests
         return cls(
             num_context_seqs=len(batch.context_requests),
             num_context_tokens=batch.num_context_tokens,
-            context_attention=attention,
-            num_decode_seqs=len(generations),
-            decode_kv_tokens=sum(r.num_tokens for r in generations),
+            context_attention=batch.context_attention,
+            num_decode_seqs=len(batch.generation_requests),
+            decode_kv_tokens=batch.decode_kv_tokens,
         )
 
     @property
@@ -162,7 +159,15 @@ class LinearCostModel(CostModel):
         relative error (``_fit_kind``). Needs at least as many decode-only steps as
         ``DECODE_TERMS`` and context steps as ``MIXED_TERMS``. Prefill steps get their own
         coefficients when there are at least ``2 * len(PREFILL_TERMS)`` of them and as many mixed
-        steps (they launch fewer kernels: no decode attention); otherwise mixed covers both."""
+        steps (they launch fewer kernels: no decode attention); otherwise mixed covers both.
+
+        With a prefill fit, a mixed step's work is its contexts' (prefill coefficients) plus its
+        decodes' (decode coefficients); only its intercept and floor are fitted to the mixed
+        steps (``_compose_mixed``). A free fit of all six terms to mixed steps alone leans on
+        whichever term happens to track the few device-bound samples (one prompt a step makes
+        context tokens and attention move together): on the H100 llama-8b profile it put the
+        per-token cost at a tenth of the prefill's and under-predicted a real Azure run's mixed
+        steps by 31% in total, against 8% composed (docs/performance.md)."""
         decode, prefill, mixed = [], [], []
         for features, seconds in samples:
             if seconds <= 0:
@@ -177,10 +182,47 @@ class LinearCostModel(CostModel):
         prefill_fit = None
         if separate:
             prefill_fit, floors["prefill"] = _fit_kind(prefill, PREFILL_TERMS, "prefill")
+            mixed_fit, floors["mixed"] = _compose_mixed(prefill_fit, decode_fit, mixed)
         else:
-            mixed = prefill + mixed
-        mixed_fit, floors["mixed"] = _fit_kind(mixed, MIXED_TERMS, "context")
+            mixed_fit, floors["mixed"] = _fit_kind(prefill + mixed, MIXED_TERMS, "context")
         return cls(decode=decode_fit, mixed=mixed_fit, prefill=prefill_fit, floors=floors)
+
+
+def _compose_mixed(
+    prefill: Mapping[str, float],
+    decode: Mapping[str, float],
+    samples: list[tuple[StepFeatures, float]],
+) -> tuple[dict[str, float], float]:
+    """Mixed coefficients ``(intercept, the prefill's context terms, the decode's decode
+    terms)`` and a floor: ``seconds = max(floor, intercept + work)``, with ``work`` fixed by the
+    two fits and only ``intercept`` and ``floor`` fitted to the mixed samples (least relative
+    error: a coarse search over quantiles, then each refined in closed form)."""
+    coefficients = {"intercept": 0.0}
+    coefficients |= {t: prefill[t] for t in PREFILL_TERMS if t != "intercept"}
+    coefficients |= {t: decode[t] for t in DECODE_TERMS if t != "intercept"}
+    terms = [t for t in MIXED_TERMS if t != "intercept"]
+    work = np.array([[getattr(f, t) for t in terms] for f, _ in samples]) @ np.array(
+        [coefficients[t] for t in terms]
+    )
+    seconds = np.array([s for _, s in samples])
+    quantiles = np.linspace(0, 1, 41)
+    intercepts = np.unique(np.maximum(np.quantile(seconds - work, quantiles), 0.0))
+    floors = np.unique(np.concatenate([[0.0], np.quantile(seconds, quantiles)]))
+    predicted = np.maximum(floors[:, None, None], intercepts[None, :, None] + work)
+    errors = np.mean(((predicted - seconds) / seconds) ** 2, axis=2)
+    i, j = np.unravel_index(np.argmin(errors), errors.shape)
+    floor, intercept = float(floors[i]), float(intercepts[j])
+    weights = 1.0 / seconds**2
+    for _ in range(3):  # each in closed form over the samples it decides
+        covered = intercept + work <= floor
+        if (~covered).any():
+            intercept = max(0.0, float(np.sum(((seconds - work) * weights)[~covered])
+                                       / np.sum(weights[~covered])))  # fmt: skip
+        covered = intercept + work <= floor
+        if covered.any():
+            floor = float(np.sum((seconds * weights)[covered]) / np.sum(weights[covered]))
+    coefficients["intercept"] = intercept
+    return {t: coefficients[t] for t in MIXED_TERMS}, floor
 
 
 def _fit_kind(
@@ -225,10 +267,15 @@ def _least_squares(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     weighted = design / seconds[:, None]
     norms = np.linalg.norm(weighted, axis=0)
     norms[norms == 0] = 1.0
+    # A term that is the same in every sample (every mixed step of a profile has one context
+    # sequence, say) cannot be told from the intercept (column 0): least squares would split
+    # the intercept between them, and a step with two context sequences would pay it twice.
+    # It gets no coefficient; the intercept carries it.
+    constant = np.all(design == design[0], axis=0)
+    active = [j for j in range(design.shape[1]) if j == 0 or not constant[j]]
     # No term may cost negative time (noise or collinear terms can push a least-squares
     # coefficient below zero, and a large batch would then be predicted to take no time): drop
     # the most negative term and refit until none is left (a simple non-negative least squares).
-    active = list(range(design.shape[1]))
     while True:
         solution, *_ = np.linalg.lstsq(
             weighted[:, active] / norms[active], np.ones(len(seconds)), rcond=None

@@ -83,6 +83,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
     row_iterations: list[int] = []
     row_times: list[float] = []
     row_latencies: list[float] = []
+    row_kv_tokens: list[int] = []
     stats = kv.get_kv_cache_stats()
 
     def apply_tokens() -> None:
@@ -101,7 +102,12 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
             return
         executor.iteration_stats.append_run(
             len(row_times),
-            {"iteration": row_iterations, "time": row_times, "step_latency": row_latencies},
+            {
+                "iteration": row_iterations,
+                "time": row_times,
+                "step_latency": row_latencies,
+                "decode_kv_tokens": row_kv_tokens,
+            },
             {
                 "scheduling_time": 0.0,
                 "forward_time": 0.0,
@@ -121,11 +127,14 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
                 "num_running_requests": num_seqs,
                 "num_waiting_paused_requests": 0,
                 "input_prep_time": 0.0,
+                "context_attention": 0.0,
+                "forward_enqueue_time": 0.0,
             },
         )
         row_iterations.clear()
         row_times.clear()
         row_latencies.clear()
+        row_kv_tokens.clear()
 
     done = 0
     while done < max_steps:
@@ -150,6 +159,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
             executor.resource_manager.update_resources(batch)
             write_rows()  # the rows before this one saw the stats before this step
             stats = kv.get_kv_cache_stats()
+        row_kv_tokens.append(kv_tokens)
         kv_tokens += num_seqs
         row_iterations.append(executor._num_iterations)
         row_times.append(start)

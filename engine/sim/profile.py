@@ -8,7 +8,13 @@ Written by ``python -m engine.sim.profiler`` and read by the simulated engine, w
      "engine": {"max_batch_size": 256, "max_num_tokens": 8192, "tokens_per_block": 32, ...},
      "memory": {"total_bytes": ..., "weight_bytes": ..., "kv_bytes_per_token": ...,
                 "free_bytes_for_kv": ...},      # what free_gpu_memory_fraction applies to
-     "steps": [{"num_context_seqs": 0, ..., "decode_kv_tokens": 65536, "seconds": 0.0109}, ...]}
+     "steps": [{"kind": "decode", "num_context_seqs": 0, ..., "decode_kv_tokens": 65536,
+                "seconds": 0.0109, "host_seconds": 0.0021}, ...]}
+
+``host_seconds`` (optional: the profiler writes it since 2026-11-28, after the committed H100
+profiles were made) is the step's host time until its
+kernels were queued (``IterationStats.forward_enqueue_time``): where it is close to ``seconds``
+the step was bound by the host, not the device. The fit does not use it yet.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+import kernels
 from engine.llm import LLM, resolve_device, resolve_dtype
 from engine.request import Request, SamplingParams, num_blocks_for
 from engine.sim.cost_model import LinearCostModel, StepFeatures
@@ -71,10 +72,11 @@ class ProfileGrid:
     """The batch shapes to time (see the module docstring for the four kinds).
 
     ``decode_batch_sizes`` x ``decode_contexts``; ``prefill_tokens`` x ``prefill_seqs`` (S <= T,
-    the T tokens split as evenly as possible); ``mixed_decodes`` x ``mixed_prefill_tokens`` at
-    each KV length of ``mixed_contexts`` (two, so the fit can tell decode rows from KV bytes in
-    a mixed step); ``chunked_tokens`` behind a prefix of ``chunked_prefix`` tokens
-    (0: no chunked points).
+    the T tokens split as evenly as possible); ``mixed_decodes`` x ``mixed_prefill_tokens`` (T
+    tokens in each of ``mixed_prefill_seqs`` prompts S) at each KV length of ``mixed_contexts``
+    (two or more, so the fit can tell decode rows from KV bytes in a mixed step; S > 1 so it can
+    tell a prompt's own cost from the step's); ``chunked_tokens`` behind a prefix of
+    ``chunked_prefix`` tokens (0: no chunked points).
     """
 
     decode_batch_sizes: tuple[int, ...] = ()
@@ -84,6 +86,7 @@ class ProfileGrid:
     mixed_decodes: tuple[int, ...] = ()
     mixed_contexts: tuple[int, ...] = (1024,)
     mixed_prefill_tokens: tuple[int, ...] = ()
+    mixed_prefill_seqs: tuple[int, ...] = (1,)
     chunked_prefix: int = 0
     chunked_tokens: tuple[int, ...] = ()
     replay_requests: int = 0
@@ -117,6 +120,12 @@ class ProfileGrid:
         return [(t, s) for t in self.prefill_tokens for s in self.prefill_seqs if s <= t]
 
     @property
+    def mixed_prefill_points(self) -> list[tuple[int, int]]:
+        """``(T, S)`` pairs of the prompts that join a mixed step, S <= T."""
+        seqs = self.mixed_prefill_seqs
+        return [(t, s) for t in self.mixed_prefill_tokens for s in seqs if s <= t]
+
+    @property
     def chunked_points(self) -> list[tuple[int, int]]:
         """``(P, T)`` pairs."""
         return (
@@ -129,7 +138,7 @@ class ProfileGrid:
             "prefill": len(self.prefill_points),
             "mixed": len(self.mixed_decodes)
             * len(self.mixed_contexts)
-            * len(self.mixed_prefill_tokens),
+            * len(self.mixed_prefill_points),
             "chunked": len(self.chunked_points),
             "replay": self.replay_requests,  # requests; about twice as many steps
         }
@@ -147,7 +156,8 @@ class ProfileGrid:
             decode_batch_sizes=tuple(
                 b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch_size
             ),
-            decode_contexts=(128, 512, 1024, 2048),
+            # 1536: the longest KV at 256 decodes that llama-8b's pool holds on an 80 GB card
+            decode_contexts=(128, 512, 1024, 1536, 2048),
             prefill_tokens=tuple(
                 t for t in (16, 64, 256, 1024, 2048, 4096, 8192) if t <= max_num_tokens
             ),
@@ -157,8 +167,9 @@ class ProfileGrid:
             mixed_decodes=tuple(
                 sorted({r for r in (16, 64) if r < max_batch_size - 1} | {max_batch_size - 1})
             ),
-            mixed_contexts=(512, 2048),
+            mixed_contexts=(512, 1536, 2048),
             mixed_prefill_tokens=mixed_tokens,
+            mixed_prefill_seqs=(1, 4),
             chunked_prefix=2048,
             chunked_tokens=mixed_tokens,
             replay_requests=300,
@@ -176,6 +187,7 @@ class ProfileGrid:
             mixed_decodes=(2, 4),
             mixed_contexts=(32,),
             mixed_prefill_tokens=(8, 32),
+            mixed_prefill_seqs=(1, 2),
             chunked_prefix=32,
             chunked_tokens=(8, 32),
             replay_requests=6,
@@ -412,10 +424,11 @@ class _Profiler:
 
     def _mixed_group(self, num_decodes: int, context: int) -> None:
         """``num_decodes`` requests decoding at KV length ``context`` (set up once), and per
-        repetition one fresh prompt of T tokens that joins them for one step."""
+        repetition S fresh prompts of T tokens in all that join them for one step."""
         started = time.perf_counter()
         limits = self.limits
-        timed_total = len(self.grid.mixed_prefill_tokens) * (self.warmup + self.repeats)
+        points = self.grid.mixed_prefill_points
+        timed_total = len(points) * (self.warmup + self.repeats)
         new_tokens = limits.setup_steps(num_decodes, context) + timed_total + 2
         length = context - 1 + new_tokens
         group_reason = limits.decodes_misfit(num_decodes, context, new_tokens)
@@ -424,12 +437,18 @@ class _Profiler:
                 f"{num_decodes} decodes and a prefill exceed the batch limit "
                 f"{limits.max_batch_size}"
             )
-        token_counts = []
-        for tokens in self.grid.mixed_prefill_tokens:
-            need = num_decodes * limits.blocks(length) + limits.blocks(tokens + 1)
+        measured = []
+        for tokens, num_seqs in points:
+            lengths = split_tokens(tokens, num_seqs)
+            need = num_decodes * limits.blocks(length) + sum(limits.blocks(n + 1) for n in lengths)
             reason = None
             if group_reason is not None:
                 reason = group_reason
+            elif num_decodes + num_seqs > limits.max_batch_size:
+                reason = (
+                    f"{num_decodes} decodes and {num_seqs} prompts exceed the batch limit "
+                    f"{limits.max_batch_size}"
+                )
             elif limits.max_num_tokens is not None and num_decodes + tokens > limits.max_num_tokens:
                 reason = (
                     f"{num_decodes} decodes + {tokens} prompt tokens exceed "
@@ -440,29 +459,31 @@ class _Profiler:
             elif need > limits.num_blocks:
                 reason = f"needs {need} KV blocks; the pool has {limits.num_blocks}"
             if reason is None:
-                token_counts.append(tokens)
+                measured.append((tokens, num_seqs))
             else:
-                self._skip("mixed", f"R={num_decodes} T={tokens} C={context}", reason)
-        if not token_counts:
+                self._skip("mixed", f"R={num_decodes} T={tokens} S={num_seqs} C={context}", reason)
+        if not measured:
             return
         requests = self._start_decodes(num_decodes, context, new_tokens, timed_total)
-        for tokens in token_counts:
+        for tokens, num_seqs in measured:
+            lengths = split_tokens(tokens, num_seqs)
             self._measure(
                 "mixed",
-                f"mixed R={num_decodes} T={tokens} C={context}",
-                lambda tokens=tokens: self.executor.enqueue_requests(self._requests([tokens], 1)),
+                f"mixed R={num_decodes} T={tokens} S={num_seqs} C={context}",
+                lambda lengths=lengths: self.executor.enqueue_requests(self._requests(lengths, 1)),
                 {
-                    "num_context_seqs": 1,
+                    "num_context_seqs": num_seqs,
                     "num_context_tokens": tokens,
-                    "context_attention": causal_pairs(tokens),
+                    "context_attention": sum(causal_pairs(n) for n in lengths),
                     "num_decode_seqs": num_decodes,
                     "decode_kv_tokens": (num_decodes * context, num_decodes * length),
                 },
             )
         self._drain(requests, f"mixed R={num_decodes}")
         self._log(
-            f"mixed   R={num_decodes} at c={context}: T={','.join(map(str, token_counts))} "
-            f"({len(token_counts)} points, {time.perf_counter() - started:.1f} s)"
+            f"mixed   R={num_decodes} at c={context}: T/S="
+            f"{','.join(f'{t}/{s}' for t, s in measured)} "
+            f"({len(measured)} points, {time.perf_counter() - started:.1f} s)"
         )
 
     def _chunked_group(self) -> None:
@@ -495,7 +516,7 @@ class _Profiler:
             def prepare(prefix: int = prefix, tokens: int = tokens, label: str = label) -> None:
                 self.executor.enqueue_requests(self._requests([prefix + tokens], 1))
                 with overridden(self.microbatch, max_num_tokens=prefix):
-                    _, features = self._step(f"chunked {label} (prefix chunk)")
+                    _, _, features = self._step(f"chunked {label} (prefix chunk)")
                 _check(
                     features,
                     f"chunked {label} (prefix chunk)",
@@ -555,8 +576,10 @@ class _Profiler:
         while waiting or self.executor.has_unfinished_requests:
             if waiting:
                 self.executor.enqueue_requests([waiting.pop()])
-            seconds, features = self._step("replay")
-            self.rows.append({"kind": "replay", **features.as_dict(), "seconds": seconds})
+            seconds, host, features = self._step("replay")
+            self.rows.append(
+                {"kind": "replay", **features.as_dict(), "seconds": seconds, "host_seconds": host}
+            )
             num_steps += 1
         self._drain(everyone, "replay")
         self._log(
@@ -578,17 +601,20 @@ class _Profiler:
         samples = []
         for i in range(self.warmup + self.repeats):
             prepare()
-            seconds, features = self._step(label)
+            seconds, host, features = self._step(label)
             _check(features, label, expected)
             if idle_after:
                 self._check_idle(label)
             if i >= self.warmup:
-                samples.append((seconds, features))
-        seconds, features = sorted(samples, key=lambda s: s[0])[(len(samples) - 1) // 2]
-        self.rows.append({"kind": kind, **features.as_dict(), "seconds": seconds})
+                samples.append((seconds, host, features))
+        seconds, host, features = sorted(samples, key=lambda s: s[0])[(len(samples) - 1) // 2]
+        self.rows.append(
+            {"kind": kind, **features.as_dict(), "seconds": seconds, "host_seconds": host}
+        )
 
-    def _step(self, label: str) -> tuple[float, StepFeatures]:
-        """One timed ``executor.step()`` and the features of the forward it ran."""
+    def _step(self, label: str) -> tuple[float, float, StepFeatures]:
+        """One timed ``executor.step()``: its seconds, the host's share (until the forward's
+        kernels were queued: ``forward_enqueue_time``) and the features of the forward."""
         self._captured.clear()
         self._synchronize()
         start = time.perf_counter()
@@ -599,7 +625,8 @@ class _Profiler:
             raise ProfileShapeError(
                 f"grid point {label}: the step ran {len(self._captured)} forwards, expected one"
             )
-        return seconds, self._captured[0]
+        host = self.executor.iteration_stats[-1].forward_enqueue_time
+        return seconds, host, self._captured[0]
 
     def _synchronize(self) -> None:
         if self.is_cuda:
@@ -744,6 +771,8 @@ def engine_settings(llm: LLM) -> dict[str, Any]:
         "enable_block_reuse": getattr(kv, "enable_block_reuse", False),
         "cuda_graphs": getattr(llm.model_engine, "graph_runner", None) is not None,
         "attention_backend": llm.model_engine.model.attention_backend,
+        # Triton kernels launched through kernels/launch.py's fast path (CUDA only)
+        "fast_launch": llm.device.type == "cuda" and all(k.enabled for k in kernels.LAUNCHERS),
         "capacity_scheduler": type(llm.capacity_scheduler).__name__,
         "microbatch_scheduler": type(mb).__name__,
         "chunking": None if chunking is None else getattr(chunking, "__name__", repr(chunking)),
@@ -817,19 +846,27 @@ def fit_report(profile: Profile) -> str:
             lines.append(f"  {kind:<7} {term:<19} {value:>11.4e}")
         lines.append(f"  {kind:<7} {'floor':<19} {model.floors.get(kind, 0.0):>11.4e}")
     errors: dict[str, list[float]] = {}
+    host_shares: dict[str, list[float]] = {}  # host_seconds / seconds, where recorded
     for row, (features, seconds) in zip(profile.steps, profile.samples(), strict=True):
         kind = row.get("kind") or ("decode" if features.is_decode_only else "context")
         error = abs(model.predict(features) - seconds) / seconds
-        errors.setdefault(kind, []).append(error)
-        errors.setdefault("all", []).append(error)
-    lines.append("in-sample relative error |predicted - measured| / measured")
-    lines.append(f"  {'kind':<8} {'steps':>5} {'median':>8} {'max':>8}")
+        for key in (kind, "all"):
+            errors.setdefault(key, []).append(error)
+            if "host_seconds" in row:
+                host_shares.setdefault(key, []).append(row["host_seconds"] / seconds)
+    lines.append(
+        "in-sample relative error |predicted - measured| / measured; host: the median share of "
+        "a step spent queueing its kernels (near 100%: bound by the host, not the device)"
+    )
+    lines.append(f"  {'kind':<8} {'steps':>5} {'median':>8} {'max':>8} {'host':>6}")
     for kind in (*KINDS, *sorted(set(errors) - {*KINDS, "all"}), "all"):
         if kind in errors:
             values = errors[kind]
+            shares = host_shares.get(kind)
+            host = f"{statistics.median(shares):>6.0%}" if shares else f"{'-':>6}"
             lines.append(
                 f"  {kind:<8} {len(values):>5} {statistics.median(values):>8.1%} "
-                f"{max(values):>8.1%}"
+                f"{max(values):>8.1%} {host}"
             )
     lines += _replay_check(profile)
     return "\n".join(lines)
