@@ -13,7 +13,8 @@ within the target (5% for latencies, 3% for throughputs), prints the table, and 
 
 ``--profile PROFILE`` also checks the cost model step by step: every step of the real runs
 (``iterations.parquet`` holds each step's work as the cost model sees it) is predicted from the
-profile and compared with its measured time, per kind of step and size (``steps.csv``). Where the
+profile and compared with its measured time, per kind of step and size (``steps.csv``), and
+plotted predicted against measured (``steps.png``). Where the
 end metrics are off, this says which steps the profile mispredicts, with no simulation between.
 """
 
@@ -86,10 +87,10 @@ def compare(real: dict[str, dict], sim: dict[str, dict]) -> pd.DataFrame:
 STEP_KINDS = ("decode", "prefill", "mixed")
 
 
-def step_table(real: Path, profile_path: Path) -> pd.DataFrame:
-    """One row per (variant, kind of step, size): the real steps' count, measured and predicted
-    total seconds, their ratio - 1 (``bias``) and the median and P90 of the per-step relative
-    error ``(predicted - measured) / measured``."""
+def step_predictions(real: Path, profile_path: Path) -> pd.DataFrame:
+    """Every step of the real runs under ``real`` that ran a batch: its variant, kind
+    (decode / prefill / mixed), size (decode rows, or context tokens), measured seconds and the
+    seconds the profile's cost model predicts for its work."""
     import numpy as np
 
     from engine.sim.cost_model import StepFeatures
@@ -138,11 +139,18 @@ def step_table(real: Path, profile_path: Path) -> pd.DataFrame:
         tables.append(frame)
     if not tables:
         raise ValueError(f"{real}: no successful run with steps to check")
-    frame = pd.concat(tables, ignore_index=True)
-    frame["error"] = (frame.predicted - frame.measured) / frame.measured
+    return pd.concat(tables, ignore_index=True)
+
+
+def step_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """One row per (variant, kind of step, size bucket) of ``step_predictions``: the steps'
+    count, measured and predicted total seconds, their ratio - 1 (``bias``) and the median and
+    P90 of the per-step relative error ``(predicted - measured) / measured``."""
+    frame = steps.assign(error=(steps.predicted - steps.measured) / steps.measured)
     edges = [0, 16, 64, 256, 1024, 4096, float("inf")]
-    frame["size"] = pd.cut(frame["size"], edges, right=False).astype(str)
-    grouped = frame.groupby(["variant", "kind", "size"], sort=True)
+    labels = ["1-15", "16-63", "64-255", "256-1023", "1024-4095", "4096+"]
+    frame["size"] = pd.cut(frame["size"], edges, right=False, labels=labels)  # ordered
+    grouped = frame.groupby(["variant", "kind", "size"], sort=True, observed=True)
     table = grouped.agg(
         steps=("error", "size"),
         measured_s=("measured", "sum"),
@@ -152,6 +160,52 @@ def step_table(real: Path, profile_path: Path) -> pd.DataFrame:
     ).reset_index()
     table["bias"] = table.predicted_s / table.measured_s - 1
     return table
+
+
+def plot_steps(frame: pd.DataFrame, path: Path) -> None:
+    """Predicted against measured time of every real step, one panel per kind (log axes; the
+    diagonal is a perfect prediction, the band +-5%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    kinds = [k for k in STEP_KINDS if (frame["kind"] == k).any()]
+    variants = list(dict.fromkeys(frame["variant"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        rows = frame[frame["kind"] == kind]
+        for variant in variants:
+            group = rows[rows["variant"] == variant]
+            ax.scatter(1e3 * group["measured"], 1e3 * group["predicted"], s=4, alpha=0.4,
+                       label=variant)  # fmt: skip
+        low = 1e3 * min(rows["measured"].min(), rows["predicted"].min())
+        high = 1e3 * max(rows["measured"].max(), rows["predicted"].max())
+        line = [low, high]
+        ax.plot(line, line, color="black", linewidth=0.8)
+        ax.fill_between(line, [0.95 * v for v in line], [1.05 * v for v in line], color="green",
+                        alpha=0.15)  # fmt: skip
+        ax.set(xscale="log", yscale="log", xlabel="measured (ms)", ylabel="predicted (ms)",
+               title=f"{kind} steps ({len(rows)})")  # fmt: skip
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers, a few a decade
+            axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(plt.NullFormatter())
+    if len(variants) > 1:  # name each variant by the overrides that differ between them
+        overrides = [dict(o.split("=", 1) for o in v.split(",") if "=" in o) for v in variants]
+        keys = [k for k in overrides[0] if len({o.get(k) for o in overrides}) > 1]
+        names = [
+            ",".join(f"{k}={o.get(k)}" for k in keys) or v
+            for o, v in zip(overrides, variants, strict=True)
+        ]
+        handles = axes[0][0].collections[: len(variants)]
+        fig.legend(handles, names, loc="lower center", ncol=2, fontsize="small", markerscale=3)
+        fig.subplots_adjust(bottom=0.25)
+    fig.suptitle("Cost model on each real step (green: within 5%)", fontsize="medium")
+    fig.tight_layout(rect=(0, 0.1 if len(variants) > 1 else 0, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
@@ -194,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         table = compare(run_summaries(args.real), run_summaries(args.sim))
-        steps = None if args.profile is None else step_table(args.real, args.profile)
+        steps = None if args.profile is None else step_predictions(args.real, args.profile)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -210,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     within = int(table["within_target"].sum())
     print(f"\n{within}/{len(table)} within target; wrote {out / 'fidelity.csv'} and fidelity.png")
     if steps is not None:
-        steps.to_csv(out / "steps.csv", index=False)
-        print("\nthe profile's cost model on each real step (errors in %; wrote steps.csv)")
-        percent = {c: (100 * steps[c]).round(1) for c in ("median_error", "p90_abs_error", "bias")}
-        shown = steps.assign(**percent).round(3)
+        summary = step_table(steps)
+        summary.to_csv(out / "steps.csv", index=False)
+        plot_steps(steps, out / "steps.png")
+        print("\nthe profile's cost model on each real step (errors in %; wrote steps.csv, .png)")
+        percent = {
+            c: (100 * summary[c]).round(1) for c in ("median_error", "p90_abs_error", "bias")
+        }
+        shown = summary.assign(**percent).round(3)
         for variant, rows in shown.groupby("variant", sort=False):
             print(f"{variant}\n{rows.drop(columns='variant').to_string(index=False)}")
     return 0

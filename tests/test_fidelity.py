@@ -82,6 +82,7 @@ def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path
     for column in ("median_error", "p90_abs_error", "bias"):
         assert steps[column].abs().max() < 1e-9, column
     assert "cost model on each real step" in capsys.readouterr().out
+    assert (report / "steps.png").stat().st_size > 0
 
     iterations = pd.read_parquet(run / "iterations.parquet")
     iterations.drop(columns="decode_kv_tokens").to_parquet(run / "iterations.parquet")
