@@ -51,7 +51,9 @@ def copy_bandwidth(device: str) -> float:
     return 2 * 2**30 / seconds
 
 
-def build_llm(preset: str, device: str, context: int, enforce_eager: bool = False) -> LLM:
+def build_llm(
+    preset: str, device: str, context: int, enforce_eager: bool = False, piecewise: bool = False
+) -> LLM:
     return LLM(
         preset,
         device=device,
@@ -66,6 +68,7 @@ def build_llm(preset: str, device: str, context: int, enforce_eager: bool = Fals
             max_tokens=None if device.startswith("cuda") else 256 * (context + 32),
         ),
         enforce_eager=enforce_eager,
+        piecewise_cuda_graphs=piecewise,
     )
 
 

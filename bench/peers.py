@@ -148,6 +148,7 @@ def run_preset(preset: str, args, bandwidth: float, flops: float) -> tuple[dict,
             max_tokens=None if is_cuda else 65536,
         ),
         enforce_eager=args.enforce_eager,
+        piecewise_cuda_graphs=args.piecewise,
     )
     if is_cuda:  # the run's own peak, past start-up (profile run, graphs)
         torch.cuda.reset_peak_memory_stats()
@@ -201,6 +202,7 @@ def run_preset(preset: str, args, bandwidth: float, flops: float) -> tuple[dict,
         "preset": preset,
         "device": torch.cuda.get_device_name() if is_cuda else "cpu",
         "cuda_graphs": not args.enforce_eager and is_cuda,
+        "piecewise_cuda_graphs": args.piecewise,
         "prompt_tokens": sum(map(len, prompts)),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "output_tok_s": {k: round(num_out / v, 1) for k, v in seconds.items()},
@@ -279,6 +281,9 @@ def main() -> None:
     parser.add_argument("--repeat", action="store_true", help="time our run a second time")
     parser.add_argument("--peers", default="hf_static,hf_continuous", help="'' for none")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument(
+        "--piecewise", action="store_true", help="steps with prompt tokens as piecewise CUDA graphs"
+    )
     parser.add_argument("--decode-batches", default="1,8,32,64,128,256", help="'' to skip")
     parser.add_argument("--context", type=int, default=1024, help="decode-step context")
     args = parser.parse_args()

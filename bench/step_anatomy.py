@@ -1,7 +1,7 @@
 """Where the time of one eager (prefill / mixed) step goes, on the device.
 
     PYTHONPATH=. python bench/step_anatomy.py --out $OUT [--preset llama-1b] [--tokens 16,256,2048]
-        [--fast-launch | --no-fast-launch]
+        [--fast-launch | --no-fast-launch] [--piecewise]
 
 For each prompt length T, one request of T tokens is admitted and its prefill step timed
 (synchronised on both sides), then the same with 255 decodes resident. The slowest prefill's
@@ -130,12 +130,15 @@ def main() -> None:
         help="launch cached compiled Triton kernels directly (kernels/launch.py); default: "
         "the SCHEDLAB_FAST_LAUNCH environment variable",
     )
+    parser.add_argument(
+        "--piecewise", action="store_true", help="steps with prompt tokens as piecewise CUDA graphs"
+    )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)  # results go under it
     out = Path(args.out)
     if args.fast_launch is not None:
         kernels.use_fast_launch(args.fast_launch)
-    llm = build_llm(args.preset, args.device, 1024)
+    llm = build_llm(args.preset, args.device, 1024, piecewise=args.piecewise)
     g = torch.Generator().manual_seed(0)
     rows = []
     for length in map(int, args.tokens.split(",")):

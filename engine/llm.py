@@ -22,6 +22,7 @@ from engine.cuda_graphs import DecodeGraphRunner, default_cuda_graph_batch_sizes
 from engine.decoder import Decoder
 from engine.executor import PyExecutor
 from engine.model_engine import TorchModelEngine
+from engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_token_sizes
 from engine.request import Request, SamplingParams
 from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler
@@ -121,6 +122,9 @@ class LLM:
     On CUDA, decode-only steps replay CUDA graphs captured at start-up for the bucket sizes
     ``cuda_graph_batch_sizes`` (default: ``default_cuda_graph_batch_sizes(max_batch_size)``);
     ``enforce_eager=True`` (vLLM's name) runs every step eagerly. CPU runs are always eager.
+    ``piecewise_cuda_graphs=True`` also captures the other steps between their attentions, per
+    token bucket (``piecewise_token_sizes``, default ``default_piecewise_token_sizes``): see
+    ``engine.piecewise_graphs``. Off by default until a GPU run has checked it.
 
     ``engine="sim"``: no weights and no tensors; each step's time comes from ``cost_model`` (a
     ``engine.sim.Profile``, a profile file, or any ``engine.sim.CostModel``) on a
@@ -145,6 +149,8 @@ class LLM:
         attention_backend: str = "auto",
         enforce_eager: bool = False,
         cuda_graph_batch_sizes: Sequence[int] | None = None,
+        piecewise_cuda_graphs: bool = False,
+        piecewise_token_sizes: Sequence[int] | None = None,
         engine: str = "torch",
         cost_model: Any = None,
         sim_fast_forward: bool = True,
@@ -164,8 +170,9 @@ class LLM:
         if engine == "sim":
             decoder, clock = self._init_sim(model, dtype, cost_model, clock)
         else:
-            self._init_torch(
-                model, device, dtype, seed, attention_backend, enforce_eager, cuda_graph_batch_sizes
+            self._init_torch(model, device, dtype, seed, attention_backend)
+            self._build_graphs(
+                enforce_eager, cuda_graph_batch_sizes, piecewise_cuda_graphs, piecewise_token_sizes
             )
             decoder, clock = Decoder(seed), clock or WallClock()
         self.executor = PyExecutor(
@@ -180,9 +187,7 @@ class LLM:
             self.executor.decode_run = fast_forward_decodes
         self._next_request_id = 0
 
-    def _init_torch(
-        self, model, device, dtype, seed, attention_backend, enforce_eager, cuda_graph_batch_sizes
-    ) -> None:
+    def _init_torch(self, model, device, dtype, seed, attention_backend) -> None:
         from engine.models import PagedCausalLM, load_model
 
         self.device = resolve_device(device)
@@ -213,11 +218,19 @@ class LLM:
         )
         self._memory_checkpoint("kv_pool")
         paged.compile_kernels(self.kv_cache_manager.kv_pool)
-        self.model_engine = TorchModelEngine(
-            paged,
-            self.device,
-            graph_runner=self._graph_runner(paged, enforce_eager, cuda_graph_batch_sizes),
-        )
+        self.model_engine = TorchModelEngine(paged, self.device)
+
+    def _build_graphs(
+        self,
+        enforce_eager: bool,
+        batch_sizes: Sequence[int] | None,
+        piecewise: bool,
+        token_sizes: Sequence[int] | None,
+    ) -> None:
+        engine = self.model_engine
+        engine.graph_runner = self._graph_runner(engine.model, enforce_eager, batch_sizes)
+        if piecewise and not enforce_eager:
+            engine.piecewise_runner = self._piecewise_runner(engine.model, token_sizes)
         self._memory_checkpoint("cuda_graphs")
 
     def _init_sim(self, model, dtype, cost_model, clock) -> tuple[SimDecoder, VirtualClock]:
@@ -314,6 +327,23 @@ class LLM:
                 getattr(self.microbatch_scheduler, "max_batch_size", 256)
             ),
             max_blocks_per_seq=-(-max_tokens // kv.tokens_per_block),
+        )
+
+    def _piecewise_runner(self, paged, token_sizes: Sequence[int] | None) -> PiecewiseGraphRunner:
+        if self.device.type != "cuda":
+            raise ValueError("piecewise_cuda_graphs=True needs a CUDA device")
+        mb = self.microbatch_scheduler
+        max_num_tokens = getattr(mb, "max_num_tokens", None)
+        if token_sizes is None and not max_num_tokens:
+            raise ValueError(
+                "piecewise_cuda_graphs=True needs piecewise_token_sizes or a micro-batch "
+                "scheduler with max_num_tokens (the largest step to capture)"
+            )
+        return PiecewiseGraphRunner(
+            paged,
+            self.kv_cache_manager.kv_pool,
+            token_sizes or default_piecewise_token_sizes(max_num_tokens),
+            max_num_seqs=getattr(mb, "max_batch_size", 256),
         )
 
     def make_requests(

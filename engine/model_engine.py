@@ -242,15 +242,18 @@ class TorchModelEngine(ModelEngine):
     """The real model: a paged forward (``engine.models.PagedCausalLM``) on cpu or cuda.
 
     With a ``graph_runner`` (``engine.cuda_graphs.DecodeGraphRunner``), decode-only steps that
-    fit one of its buckets replay a captured CUDA graph; every other step runs eagerly.
+    fit one of its buckets replay a captured CUDA graph. With a ``piecewise_runner``
+    (``engine.piecewise_graphs.PiecewiseGraphRunner``), other steps that fit one of its token
+    buckets replay graphs between eager attentions. Every other step runs eagerly.
     """
 
-    def __init__(self, model, device: torch.device, graph_runner=None):
+    def __init__(self, model, device: torch.device, graph_runner=None, piecewise_runner=None):
         self.model = model  # PagedCausalLM
         self.device = device
         self.max_seq_len = model.max_seq_len
         self.vocab_size = model.vocab_size
         self.graph_runner = graph_runner
+        self.piecewise_runner = piecewise_runner
         self._staging = StagingBuffer(device)
         self.num_graph_steps = 0  # decode steps served by a graph (for tests and reports)
 
@@ -268,4 +271,7 @@ class TorchModelEngine(ModelEngine):
             return runner.replay(bucket, kv_pool)[: host.num_seqs]
         inputs = host.to_device(self._staging)
         self.last_input_prep_time = time.perf_counter() - start
+        piecewise = self.piecewise_runner
+        if piecewise is not None and piecewise.can_run(host):
+            return piecewise.run(host, inputs, kv_pool)
         return self.model.forward(inputs, kv_pool)

@@ -148,6 +148,8 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             attention_backend=cfg.executor.attention_backend.value,
             enforce_eager=cfg.executor.enforce_eager,
             cuda_graph_batch_sizes=cfg.executor.cuda_graph_batch_sizes,
+            piecewise_cuda_graphs=cfg.executor.piecewise_cuda_graphs,
+            piecewise_token_sizes=cfg.executor.piecewise_token_sizes,
             **parts,
         )
     if cfg.executor.warmup and not is_sim:

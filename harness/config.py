@@ -56,6 +56,10 @@ class ExecutorConfig:
     # CUDA graphs for decode-only steps (CUDA only; vLLM's enforce_eager turns them off).
     enforce_eager: bool = False
     cuda_graph_batch_sizes: list[int] | None = None  # null: 1, 2, 4, ..., max_batch_size
+    # Steps with prompt tokens as CUDA graphs between eager attentions (engine/piecewise_graphs.py;
+    # off until a GPU run has checked it), per token bucket (null: 16, 32, ..., max_num_tokens).
+    piecewise_cuda_graphs: bool = False
+    piecewise_token_sizes: list[int] | None = None
     # engine=sim: the profile to fit step times to (null: engine/sim/profiles/<sim_device>/
     # <model>.json, made by python -m engine.sim.profiler)
     profile: str | None = None

@@ -158,15 +158,20 @@ def test_padding_rows_leave_real_rows_and_the_pool_untouched(backend):
     padded = runner.replay(bucket, kv.kv_pool)
     assert bucket == 8 and padded.shape[0] == 8
     torch.testing.assert_close(padded[:2], expected, rtol=1e-5, atol=1e-5)
-    # Real rows wrote their slots (to float32 rounding: a batch of 8 may take other BLAS paths);
-    # every other slot is bit-identical, i.e. the padding rows wrote nothing.
-    layers, _, blocks, tpb = kv.kv_pool.shape[:4]
-    after = kv.kv_pool.reshape(layers, 2, blocks * tpb, -1)
-    reference = pool_after_real.reshape(layers, 2, blocks * tpb, -1)
+    assert_only_slots_written(kv.kv_pool, pool_after_real, inputs.slot_mapping)
+
+
+def assert_only_slots_written(pool: torch.Tensor, reference: torch.Tensor, slots: torch.Tensor):
+    """``pool`` equals ``reference`` (the pool after the unpadded step) at the real ``slots``, to
+    float32 rounding (a padded batch may take other BLAS paths), and bit for bit everywhere
+    else: the padding wrote nothing."""
+    layers, _, blocks, tpb = pool.shape[:4]
+    after = pool.reshape(layers, 2, blocks * tpb, -1)
+    expected = reference.reshape(layers, 2, blocks * tpb, -1)
     real = torch.zeros(blocks * tpb, dtype=torch.bool, device=after.device)
-    real[inputs.slot_mapping] = True
-    torch.testing.assert_close(after[:, :, real], reference[:, :, real], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(after[:, :, ~real], reference[:, :, ~real], rtol=0, atol=0)
+    real[slots] = True
+    torch.testing.assert_close(after[:, :, real], expected[:, :, real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[:, :, ~real], expected[:, :, ~real], rtol=0, atol=0)
 
 
 def test_a_whole_run_through_graph_buckets_equals_eager():

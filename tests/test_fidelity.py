@@ -31,7 +31,8 @@ def test_relative_errors_and_targets():
         compare({"a": summary(1.0)}, {"b": summary(1.0)})
 
 
-def test_cli_on_result_directories(tmp_path: Path):
+def sim_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A harness run of 40 requests on the simulated engine: (its directory, its profile)."""
     from tests.test_sim import synthetic_profile
 
     profile = tmp_path / "llama-1b.json"
@@ -45,7 +46,11 @@ def test_cli_on_result_directories(tmp_path: Path):
         "workload.num_requests=40",
         "progress=false",
     )
-    run = only_dir(out / "default")
+    return only_dir(out / "default"), profile
+
+
+def test_cli_on_result_directories(tmp_path: Path):
+    run, _ = sim_run(tmp_path)
     report = tmp_path / "report"
     assert main([str(run), str(run), "--out", str(report)]) == 0
     table = pd.read_csv(report / "fidelity.csv")
@@ -58,20 +63,7 @@ def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path
     """Each iteration row carries the work the cost model saw (fast-forwarded rows included),
     so predicting a sim run's steps from its own profile gives back their times exactly; a run
     written before those columns existed is refused with a reason."""
-    from tests.test_sim import synthetic_profile
-
-    profile = tmp_path / "llama-1b.json"
-    synthetic_profile("llama-1b").save(profile)
-    out = tmp_path / "runs"
-    harness(
-        out,
-        "executor.engine=sim",
-        f"executor.profile={profile}",
-        "model=llama-1b",
-        "workload.num_requests=40",
-        "progress=false",
-    )
-    run = only_dir(out / "default")
+    run, profile = sim_run(tmp_path)
     report = tmp_path / "report"
     assert main([str(run), str(run), "--out", str(report), "--profile", str(profile)]) == 0
     steps = pd.read_csv(report / "steps.csv")

@@ -138,16 +138,19 @@ class PagedCausalLM:
                 f"[{self.num_layers}, 2, num_blocks, tokens_per_block, {self.num_kv_heads}, "
                 f"{self.head_dim}]"
             )
-        hidden = self._model.embed_tokens(batch.input_ids)  # [T, hidden]
-        # The HF rotary module applies rope scaling (e.g. llama3) and its attention_scaling.
-        cos, sin = self._model.rotary_emb(hidden, batch.positions[None, :])
-        cos, sin = cos[0], sin[0]  # [T, head_dim]
-
+        hidden, cos, sin = self.embed(batch.input_ids, batch.positions)
         if self._fused_elementwise:
             hidden = self._layers_triton(hidden, cos, sin, batch, kv_pool)
         else:
             hidden = self._layers_torch(hidden, cos, sin, batch, kv_pool)
         return self._lm_head(hidden)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        """Token embeddings [T, hidden] and RoPE's cos, sin [T, head_dim]."""
+        hidden = self._model.embed_tokens(input_ids)
+        # The HF rotary module applies rope scaling (e.g. llama3) and its attention_scaling.
+        cos, sin = self._model.rotary_emb(hidden, positions[None, :])
+        return hidden, cos[0], sin[0]
 
     def _layers_torch(self, hidden, cos, sin, batch: ForwardBatch, kv_pool) -> torch.Tensor:
         """The decoder stack on HF's own norms and activation (the numerics of ``hf_model``);
@@ -176,40 +179,72 @@ class PagedCausalLM:
             x = norm(h); r = h                  (first layer)
             x, r = norm(out + r), out + r       (every later add: one kernel)
         """
+        residual = None
+        for i in range(self.num_layers):
+            q, k, v, residual = self.pre_attention(i, hidden, residual, cos, sin)
+            out = self._attention(q, k, v, kv_pool[i], batch, i)
+            hidden, residual = self.post_attention(i, out, residual)
+        return self.final_norm(hidden, residual, batch.logits_indices)
+
+    # The Triton stack in pieces, cut at attention: the eager forward runs them in turn, and the
+    # piecewise CUDA graphs (engine/piecewise_graphs.py) capture everything between two
+    # attentions. Each piece is per token, so it runs the same on a batch padded to a bucket.
+    def pre_attention(self, layer: int, hidden, residual, cos, sin):
+        """Layer ``layer`` up to attention: the input norm (with the previous layer's residual
+        add fused in; ``residual`` None for the first layer), q/k/v, q/k norms, RoPE. Returns
+        ``(q, k, v, residual)``, q/k/v as head views [T, heads, head_dim]."""
         import kernels
 
-        residual = None
-        for i, layer in enumerate(self._model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            norm = layer.input_layernorm
-            if residual is None:
-                residual, x = hidden, kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
-            else:
-                x, residual = kernels.rms_norm(
-                    hidden, norm.weight, norm.variance_epsilon, residual=residual
-                )
-            q, k, v = self._qkv_heads(i, x)
-            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-                q = kernels.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
-                k = kernels.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
-            kernels.apply_rotary(q, k, cos, sin)  # in place
-            out = self._attention(q, k, v, kv_pool[i], batch, i)
-            norm = layer.post_attention_layernorm
+        attn, norm = self._attns[layer], self._model.layers[layer].input_layernorm
+        if residual is None:
+            residual, x = hidden, kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+        else:
             x, residual = kernels.rms_norm(
-                attn.o_proj(out.flatten(1)), norm.weight, norm.variance_epsilon, residual=residual
+                hidden, norm.weight, norm.variance_epsilon, residual=residual
             )
-            gate_up = F.linear(x, *self._gate_up[i])
-            if self._is_silu:
-                hidden = mlp.down_proj(kernels.silu_and_mul(gate_up))
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                hidden = mlp.down_proj(mlp.act_fn(gate) * up)
-        rows = batch.logits_indices
+        q, k, v = self._qkv_heads(layer, x)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q = kernels.rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+            k = kernels.rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+        kernels.apply_rotary(q, k, cos, sin)  # in place
+        return q, k, v, residual
+
+    def post_attention(self, layer: int, out: torch.Tensor, residual: torch.Tensor):
+        """Layer ``layer`` after attention (``out`` [T, heads, head_dim] or [T, heads *
+        head_dim]): o_proj, the residual add fused into the post-attention norm, the MLP.
+        Returns ``(mlp output, residual)``; the next norm adds them."""
+        import kernels
+
+        block = self._model.layers[layer]
+        norm, mlp = block.post_attention_layernorm, block.mlp
+        x, residual = kernels.rms_norm(
+            block.self_attn.o_proj(out.flatten(1)),
+            norm.weight,
+            norm.variance_epsilon,
+            residual=residual,
+        )
+        gate_up = F.linear(x, *self._gate_up[layer])
+        if self._is_silu:
+            return mlp.down_proj(kernels.silu_and_mul(gate_up)), residual
+        gate, up = gate_up.chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up), residual
+
+    def final_norm(self, hidden, residual, rows: torch.Tensor) -> torch.Tensor:
+        """The final norm (with the last residual add) of the ``rows`` that want logits."""
+        import kernels
+
         norm = self._model.norm
         hidden, _ = kernels.rms_norm(
             hidden[rows], norm.weight, norm.variance_epsilon, residual=residual[rows]
         )
         return hidden
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(hidden)
+
+    def attention(self, q, k, v, pool_layer, batch: ForwardBatch, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s attention over the paged pool (writes this step's K/V)."""
+        return self._attention(q, k, v, pool_layer, batch, layer)
 
     def _qkv_heads(self, layer: int, x: torch.Tensor):
         """One GEMM for q, k and v; returns head views [T, heads, head_dim] of its output."""

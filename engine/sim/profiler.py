@@ -29,7 +29,7 @@ fit to the grid points alone before the final fit uses them too.
     python -m engine.sim.profiler --model llama-8b --device cuda \\
         --out engine/sim/profiles/h100/llama-8b.json [--grid full|small] \\
         [--max-batch-size 256] [--max-num-tokens 8192] [--tokens-per-block 32] \\
-        [--kv-fraction 0.9] [--repeats 3] [--dtype auto] [--enforce-eager]
+        [--kv-fraction 0.9] [--repeats 3] [--dtype auto] [--enforce-eager] [--piecewise]
 """
 
 from __future__ import annotations
@@ -770,6 +770,7 @@ def engine_settings(llm: LLM) -> dict[str, Any]:
         "kv_fraction": getattr(kv, "free_gpu_memory_fraction", None),
         "enable_block_reuse": getattr(kv, "enable_block_reuse", False),
         "cuda_graphs": getattr(llm.model_engine, "graph_runner", None) is not None,
+        "piecewise_cuda_graphs": getattr(llm.model_engine, "piecewise_runner", None) is not None,
         "attention_backend": llm.model_engine.model.attention_backend,
         # Triton kernels launched through kernels/launch.py's fast path (CUDA only)
         "fast_launch": llm.device.type == "cuda" and all(k.enabled for k in kernels.LAUNCHERS),
@@ -911,6 +912,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs a point (median)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument(
+        "--piecewise", action="store_true", help="steps with prompt tokens as piecewise CUDA graphs"
+    )
     return parser
 
 
@@ -949,6 +953,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 free_gpu_memory_fraction=args.kv_fraction,
             ),
             enforce_eager=args.enforce_eager,
+            piecewise_cuda_graphs=args.piecewise,
         )
         counts = grid.num_points()
         print(
