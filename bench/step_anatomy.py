@@ -5,13 +5,15 @@
 
 For each prompt length T, one request of T tokens is admitted and its prefill step timed
 (synchronised on both sides), then the same with 255 decodes resident. The slowest prefill's
-step runs under ``torch.profiler`` and ``cProfile``; the top entries of both are written to OUT.
+step runs under ``torch.profiler`` and ``cProfile``; the top entries of both are written to OUT,
+with the figures as ``anatomy_<preset>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import statistics
 import time
@@ -62,33 +64,21 @@ def decode_times(llm, resident: int, batch: int, g: torch.Generator) -> list[flo
 
 
 def host_phases(llm, length: int, g: torch.Generator) -> dict[str, float]:
-    """One prefill step of ``length`` tokens with the model's forward split into the host's
-    enqueue time and the wait for the device (a sync inside the step: for the anatomy only)."""
-    model = llm.model_engine.model
-    device = str(llm.device)
-    times: dict[str, float] = {}
-    original = model.forward
-
-    def forward(batch, kv_pool):
-        synchronize(device)
-        start = time.perf_counter()
-        out = original(batch, kv_pool)
-        times["forward_enqueue_ms"] = (time.perf_counter() - start) * 1e3
-        synchronize(device)
-        times["forward_total_ms"] = (time.perf_counter() - start) * 1e3
-        return out
-
+    """One prefill step of ``length`` tokens, split as the executor records it: the forward's
+    host time until its kernels were queued, and the forward with the wait for the device
+    (whatever path ran it: eager, decode graph or piecewise graphs)."""
     vocab = llm.model_engine.vocab_size
     prompt = torch.randint(10, vocab - 10, (length,), generator=g).tolist()
     (request,) = llm.make_requests([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True))
     llm.executor.enqueue_requests([request])
-    model.forward = forward
-    try:
-        times["step_ms"] = timed_step(llm) * 1e3
-    finally:
-        del model.forward
+    step_ms = timed_step(llm) * 1e3
+    stats = llm.executor.iteration_stats[-1]
     llm.executor.run()
-    return times
+    return {
+        "forward_enqueue_ms": stats.forward_enqueue_time * 1e3,
+        "forward_total_ms": stats.forward_time * 1e3,
+        "step_ms": step_ms,
+    }
 
 
 def launch_costs(device: str, hidden: int) -> dict[str, float]:
@@ -175,11 +165,26 @@ def main() -> None:
     llm.executor.run()
     with open(out / f"cprofile_{args.preset}.txt", "w") as f:
         pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(30)
+    summary = {
+        "preset": args.preset,
+        "fast_launch": kernels.LAUNCHERS[0].enabled,
+        "piecewise": llm.model_engine.piecewise_runner is not None,
+        "prefill_ms": {length: median for length, median, _ in rows},
+        "phases_ms": dict(zip(args.tokens.split(","), phases, strict=True)),
+        "decode_ms": {f"{r}:{b}": median for r, b, median in decodes},
+        "launch_us": costs,
+    }
+    (out / f"anatomy_{args.preset}.json").write_text(json.dumps(summary, indent=1))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=12))
     print("\npreset    tokens  median ms  min ms")
     for length, median, low in rows:
         print(f"{args.preset:9s} {length:6d} {median:10.2f} {low:7.2f}")
     print(f"fast launch {kernels.LAUNCHERS[0].enabled}: {kernels.num_fast_launches()} launches")
+    piecewise = llm.model_engine.piecewise_runner
+    if piecewise is not None:
+        print(
+            f"piecewise CUDA graphs: {piecewise.num_steps} steps, buckets {piecewise.token_sizes}"
+        )
     print("launch costs", {k: round(v, 1) for k, v in costs.items()})
     for length, times in zip(args.tokens.split(","), phases, strict=True):
         print(f"prefill {length}: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
