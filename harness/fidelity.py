@@ -97,7 +97,8 @@ def step_predictions(real: Path, profile_path: Path) -> pd.DataFrame:
     from engine.sim.profile import Profile
     from harness.results import RunResult, load
 
-    model = Profile.load(profile_path).cost_model()
+    profile = Profile.load(profile_path)
+    model = profile.cost_model()
     result = load(real)
     runs = [result] if isinstance(result, RunResult) else result.runs
     tables = []
@@ -105,6 +106,12 @@ def step_predictions(real: Path, profile_path: Path) -> pd.DataFrame:
         steps = run.iterations
         if run.status != "ok" or steps.empty:
             continue
+        run_model = (run.config.get("model") or {}).get("name")
+        if run_model is not None and run_model != profile.model:
+            raise ValueError(
+                f"{run.path}: a run of model {run_model!r}, but {profile_path} profiles "
+                f"{profile.model!r}"
+            )
         if "decode_kv_tokens" not in steps:
             raise ValueError(
                 f"{run.path}: iterations.parquet has no decode_kv_tokens column (recorded since "

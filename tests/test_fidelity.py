@@ -63,6 +63,8 @@ def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path
     """Each iteration row carries the work the cost model saw (fast-forwarded rows included),
     so predicting a sim run's steps from its own profile gives back their times exactly; a run
     written before those columns existed is refused with a reason."""
+    from tests.test_sim import synthetic_profile
+
     run, profile = sim_run(tmp_path)
     report = tmp_path / "report"
     assert main([str(run), str(run), "--out", str(report), "--profile", str(profile)]) == 0
@@ -75,6 +77,11 @@ def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path
         assert steps[column].abs().max() < 1e-9, column
     assert "cost model on each real step" in capsys.readouterr().out
     assert (report / "steps.png").stat().st_size > 0
+
+    other = tmp_path / "llama-8b.json"
+    synthetic_profile("llama-8b").save(other)
+    assert main([str(run), str(run), "--out", str(report), "--profile", str(other)]) == 2
+    assert "a run of model 'llama-1b', but" in capsys.readouterr().err
 
     iterations = pd.read_parquet(run / "iterations.parquet")
     iterations.drop(columns="decode_kv_tokens").to_parquet(run / "iterations.parquet")
