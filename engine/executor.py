@@ -146,11 +146,11 @@ class PyExecutor:
                     request.start(start)
             self.resource_manager.prepare_resources(batch)
             sampling_requests = batch.sampling_requests  # after prefix hits moved the counters
-            work = (batch.context_attention, batch.decode_kv_tokens)
             logits = self.model_engine.forward(batch, self.kv_cache_manager)
             # On a GPU, forward returns once its kernels are queued; the decoder then waits for
             # them. A step whose forward_time is close to this is bound by the host.
             enqueue_time = time.perf_counter() - forward_start
+            work = self.model_engine.step_work(batch)
             new_tokens = self.decoder.decode(sampling_requests, logits)
             now = self.clock.now()
             for request in batch.context_requests:

@@ -70,6 +70,13 @@ class ModelEngine(ABC):
     @abstractmethod
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor: ...
 
+    def step_work(self, batch: SchedulerOutput) -> tuple[float, int]:
+        """``(context_attention, decode_kv_tokens)`` of the batch the last ``forward`` ran, for
+        its iteration row; called before the step's counters advance. Engines that counted them
+        while building their inputs return those counts (a pass over 256 requests costs tens of
+        microseconds a step)."""
+        return batch.context_attention, batch.decode_kv_tokens
+
 
 @dataclass
 class HostBatch:
@@ -255,7 +262,11 @@ class TorchModelEngine(ModelEngine):
         self.graph_runner = graph_runner
         self.piecewise_runner = piecewise_runner
         self._staging = StagingBuffer(device)
+        self._last_work = (0.0, 0)
         self.num_graph_steps = 0  # decode steps served by a graph (for tests and reports)
+
+    def step_work(self, batch: SchedulerOutput) -> tuple[float, int]:
+        return self._last_work
 
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor:
         kv_pool = kv_cache_manager.kv_pool
@@ -263,6 +274,11 @@ class TorchModelEngine(ModelEngine):
             raise RuntimeError("the KV cache manager has no pool: call allocate_pool first")
         start = time.perf_counter()
         host = flatten_batch(batch, kv_cache_manager)
+        # Generations' KV lengths are their seq_lens: summed in C, not over the requests again.
+        self._last_work = (
+            batch.context_attention,
+            sum(host.seq_lens[host.num_context_seqs :]),
+        )
         runner = self.graph_runner
         if runner is not None and runner.can_run(host):
             bucket = runner.load(host)

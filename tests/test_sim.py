@@ -459,3 +459,35 @@ def test_a_host_floor_is_fitted_where_short_steps_cost_the_same():
     seconds = np.array([measured(f) for f in prefill])
     line, *_ = np.linalg.lstsq(design / seconds[:, None], np.ones(len(prefill)), rcond=None)
     assert max(abs(design @ line - seconds) / seconds) > 0.15  # vs < 1e-6 above
+
+
+def test_real_and_simulated_engines_record_the_same_work_for_the_same_schedule():
+    """All requests at t=0 and lengths fixed by ``max_new_tokens``: the real engine (CPU) and the
+    simulated one schedule the same steps, and each iteration row carries the same work
+    (counted from the engine's inputs on one side, from the cost model's features on the
+    other), equal to a count over the requests (``SchedulerOutput``'s properties)."""
+    config = dict(
+        microbatch_scheduler=dict(max_batch_size=4, max_num_tokens=24),
+        kv_cache_manager=dict(tokens_per_block=4, num_blocks=64),
+    )
+    prompts = [[5 + i] * n for i, n in enumerate((30, 7, 12, 3, 9))]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 9, 2, 6, 5)]
+    profile = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
+    rows = {}
+    for engine in ("torch", "sim"):
+        extra = dict(engine="sim", cost_model=profile, sim_fast_forward=False)
+        llm = LLM("llama-tiny", **config, **(extra if engine == "sim" else dict(device="cpu")))
+        seen: list[tuple[float, int]] = []
+        step_work = llm.model_engine.step_work
+
+        def recording(batch, step_work=step_work, seen=seen):
+            seen.append((batch.context_attention, batch.decode_kv_tokens))  # the slow count
+            return step_work(batch)
+
+        llm.model_engine.step_work = recording
+        llm.generate(prompts, params)
+        stats = llm.executor.iteration_stats
+        rows[engine] = [(s.context_attention, s.decode_kv_tokens) for s in stats]
+        assert rows[engine] == seen
+    assert rows["torch"] == rows["sim"]
+    assert any(a > 0 for a, _ in rows["sim"]) and any(kv > 0 for _, kv in rows["sim"])

@@ -31,13 +31,18 @@ class SimModelEngine(ModelEngine):
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.last_step_seconds = 0.0
+        self._features = StepFeatures()
+
+    def step_work(self, batch: SchedulerOutput) -> tuple[float, int]:
+        return self._features.context_attention, self._features.decode_kv_tokens
 
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> None:
-        seconds = self.cost_model.predict(StepFeatures.of(batch))
+        self._features = features = StepFeatures.of(batch)
+        seconds = self.cost_model.predict(features)
         if not seconds > 0:
             raise ValueError(
                 f"{type(self.cost_model).__name__} predicted {seconds} s for a step "
-                f"({StepFeatures.of(batch)}); a step must take a positive time"
+                f"({features}); a step must take a positive time"
             )
         self.last_step_seconds = seconds
         self.clock.advance(seconds)
