@@ -349,6 +349,7 @@ def test_cli_bad_argument_is_one_line_and_exit_2(tmp_path):
         (["--dtype", "float8"], "dtype must be"),
         (["--model", "no-such-model"], "unknown model"),
         (["--out", "."], "is a directory"),
+        (["--piecewise"], "piecewise_cuda_graphs=True needs a CUDA device"),
         pytest.param(
             ["--device", "cuda"],
             "no CUDA GPU",
