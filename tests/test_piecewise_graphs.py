@@ -28,9 +28,9 @@ CONFIG = dict(
 )
 
 
-def make_llm(**kwargs) -> LLM:
+def make_llm(preset: str = "llama-tiny", **kwargs) -> LLM:
     return LLM(
-        "llama-tiny",
+        preset,
         device=DEVICE,
         attention_backend="triton",
         **{**CONFIG, "dtype": "float32", "enforce_eager": True, **kwargs},
@@ -91,10 +91,12 @@ def test_buckets_rows_and_bad_setups():
         )
 
 
-def test_a_padded_mixed_step_equals_the_eager_one_and_writes_only_its_slots():
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny", "qwen3-tiny"])
+def test_a_padded_mixed_step_equals_the_eager_one_and_writes_only_its_slots(preset):
     """A mixed step of 7 tokens (a 5-token prompt and 2 decodes) in a bucket of 16: its logits
-    equal the eager forward's, and only its own KV slots change."""
-    llm = make_llm()
+    equal the eager forward's, and only its own KV slots change (Qwen2: a qkv bias; Qwen3: q/k
+    norms and a head_dim of its own, inside the pieces)."""
+    llm = make_llm(preset)
     runner = attach(llm, [16])
     decodes = llm.make_requests([[5, 6, 7], [8, 9, 10, 11]], SamplingParams(max_new_tokens=8))
     llm.executor.enqueue_requests(decodes)
