@@ -33,11 +33,28 @@ the CPU tests exercise the padding and buffer logic that way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from engine.model_engine import ForwardBatch, HostBatch, StagingBuffer
+
+
+def capture_graph(run: Callable[[], Any], pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``run()`` once on a side stream (it compiles Triton variants and sets up cuBLAS
+    workspaces, neither of which may happen during capture), then capture it into a graph that
+    allocates from ``pool`` (None: a new pool, ``graph.pool()`` to share it). Returns the graph
+    and what the captured ``run()`` returned (its output tensors live in the pool)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        result = run()
+    return graph, result
 
 
 def default_cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -189,14 +206,9 @@ class DecodeGraphRunner:
         pool = None
         for bucket in reversed(self.batch_sizes):
             static = self._static_batch(bucket)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles kernels, sets up cuBLAS workspaces
-                self.model.forward(static, self.kv_pool)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[bucket] = self.model.forward(static, self.kv_pool)
+            graph, self._outputs[bucket] = capture_graph(
+                lambda static=static: self.model.forward(static, self.kv_pool), pool
+            )
             pool = graph.pool()
             self._graphs[bucket] = graph
         torch.cuda.synchronize()

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.cuda_graphs import capture_graph
 from engine.model_engine import ForwardBatch, HostBatch, StagingBuffer
 
 
@@ -99,9 +100,9 @@ class PiecewiseGraphRunner:
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.max_num_tokens}")
 
     def can_run(self, host: HostBatch) -> bool:
-        return 0 < host.num_tokens <= self.max_num_tokens and len(
-            host.logits_indices
-        ) <= self.rows_for(self.bucket_for(host.num_tokens))
+        if not 0 < host.num_tokens <= self.max_num_tokens:
+            return False
+        return len(host.logits_indices) <= self.rows_for(self.bucket_for(host.num_tokens))
 
     @torch.inference_mode()
     def run(self, host: HostBatch, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
@@ -163,14 +164,9 @@ class PiecewiseGraphRunner:
         with torch.inference_mode():
             for bucket in reversed(self.token_sizes):
                 for index in range(self.num_pieces):
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):  # compiles kernels, sets up cuBLAS workspaces
-                        self._forward_piece(index, bucket)
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self._forward_piece(index, bucket)
+                    graph, _ = capture_graph(
+                        lambda index=index, bucket=bucket: self._forward_piece(index, bucket), pool
+                    )
                     pool = graph.pool()
                     self._graphs[(bucket, index)] = graph
         torch.cuda.synchronize()

@@ -208,7 +208,6 @@ def plot_steps(frame: pd.DataFrame, path: Path) -> None:
         ]
         handles = axes[0][0].collections[: len(variants)]
         fig.legend(handles, names, loc="lower center", ncol=2, fontsize="small", markerscale=3)
-        fig.subplots_adjust(bottom=0.25)
     fig.suptitle("Cost model on each real step (green: within 5%)", fontsize="medium")
     fig.tight_layout(rect=(0, 0.1 if len(variants) > 1 else 0, 1, 1))
     fig.savefig(path, dpi=120)

@@ -379,10 +379,10 @@ def test_linear_fit_keeps_every_coefficient_non_negative():
     assert model.predict(big) > 0
 
 
-def test_a_term_constant_in_every_sample_is_left_to_the_intercept():
-    """Every mixed step below has one context sequence: its per-sequence cost cannot be told
-    from the intercept, so it gets none (else a step with four would pay the base four times)."""
-    mixed = [
+def one_prompt_mixed_steps(tokens, decodes, contexts) -> list[StepFeatures]:
+    """Mixed steps of one fresh prompt of T tokens beside R decodes at KV length c, for each
+    (T, R, c) in that order."""
+    return [
         StepFeatures(
             num_context_seqs=1,
             num_context_tokens=t,
@@ -390,10 +390,16 @@ def test_a_term_constant_in_every_sample_is_left_to_the_intercept():
             num_decode_seqs=r,
             decode_kv_tokens=r * c,
         )
-        for t in (256, 1024, 4096)
-        for r in (16, 64, 255)
-        for c in (512, 1536)
+        for t in tokens
+        for r in decodes
+        for c in contexts
     ]
+
+
+def test_a_term_constant_in_every_sample_is_left_to_the_intercept():
+    """Every mixed step below has one context sequence: its per-sequence cost cannot be told
+    from the intercept, so it gets none (else a step with four would pay the base four times)."""
+    mixed = one_prompt_mixed_steps((256, 1024, 4096), (16, 64, 255), (512, 1536))
     samples = [(f, 0.02 + 1e-6 * f.num_context_tokens + 4e-8 * f.decode_kv_tokens) for f in mixed]
     samples += [s for s in synthetic_profile("llama-8b").samples() if s[0].is_decode_only]
     model = LinearCostModel.fit(samples)
@@ -421,17 +427,7 @@ def test_a_host_floor_is_fitted_where_short_steps_cost_the_same():
         for t in (16, 64, 256, 1024, 2048, 4096, 8192)
         for s in (1, 4)
     ]
-    mixed = [
-        StepFeatures(
-            num_context_seqs=1,
-            num_context_tokens=t,
-            context_attention=t * (t + 1) / 2,
-            num_decode_seqs=r,
-            decode_kv_tokens=r * 1000,
-        )
-        for t in (16, 256, 1024, 4096, 8192)
-        for r in (16, 64, 255)
-    ]
+    mixed = one_prompt_mixed_steps((16, 256, 1024, 4096, 8192), (16, 64, 255), (1000,))
     decode = [
         StepFeatures(num_decode_seqs=b, decode_kv_tokens=b * c)
         for b in (1, 8, 64, 256)

@@ -59,7 +59,7 @@ class PagedCausalLM:
         self.hf_model = hf_model
         config = hf_model.config
         self._model = hf_model.model  # the decoder stack (embed_tokens, layers, norm, rotary_emb)
-        self._lm_head: nn.Module = hf_model.lm_head
+        self.lm_head: nn.Module = hf_model.lm_head  # hidden [T, hidden] -> logits
         self.attention_backend = resolve_attention_backend(attention_backend, self.device)
         self._num_heads: int = config.num_attention_heads
         self._num_kv_heads: int = config.num_key_value_heads or config.num_attention_heads
@@ -143,7 +143,7 @@ class PagedCausalLM:
             hidden = self._layers_triton(hidden, cos, sin, batch, kv_pool)
         else:
             hidden = self._layers_torch(hidden, cos, sin, batch, kv_pool)
-        return self._lm_head(hidden)
+        return self.lm_head(hidden)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
         """Token embeddings [T, hidden] and RoPE's cos, sin [T, head_dim]."""
@@ -162,7 +162,7 @@ class PagedCausalLM:
             if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-            out = self._attention(q, k, v, kv_pool[i], batch, i)
+            out = self.attention(q, k, v, kv_pool[i], batch, i)
             hidden = residual + attn.o_proj(out.flatten(1))
 
             residual = hidden
@@ -182,7 +182,7 @@ class PagedCausalLM:
         residual = None
         for i in range(self.num_layers):
             q, k, v, residual = self.pre_attention(i, hidden, residual, cos, sin)
-            out = self._attention(q, k, v, kv_pool[i], batch, i)
+            out = self.attention(q, k, v, kv_pool[i], batch, i)
             hidden, residual = self.post_attention(i, out, residual)
         return self.final_norm(hidden, residual, batch.logits_indices)
 
@@ -238,13 +238,6 @@ class PagedCausalLM:
             hidden[rows], norm.weight, norm.variance_epsilon, residual=residual[rows]
         )
         return hidden
-
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._lm_head(hidden)
-
-    def attention(self, q, k, v, pool_layer, batch: ForwardBatch, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s attention over the paged pool (writes this step's K/V)."""
-        return self._attention(q, k, v, pool_layer, batch, layer)
 
     def _qkv_heads(self, layer: int, x: torch.Tensor):
         """One GEMM for q, k and v; returns head views [T, heads, head_dim] of its output."""
@@ -352,7 +345,7 @@ class PagedCausalLM:
                 splits *= 2
         torch.cuda.synchronize(device)
 
-    def _attention(
+    def attention(
         self,
         q: torch.Tensor,
         k: torch.Tensor,

@@ -220,7 +220,7 @@ def _compose_mixed(
                                        / np.sum(weights[~covered])))  # fmt: skip
         covered = intercept + work <= floor
         if covered.any():
-            floor = float(np.sum((seconds * weights)[covered]) / np.sum(weights[covered]))
+            floor = _best_constant(seconds[covered])
     coefficients["intercept"] = intercept
     return {t: coefficients[t] for t in MIXED_TERMS}, floor
 
@@ -253,12 +253,17 @@ def _fit_kind(
         coefficients = _least_squares(design[above], seconds[above])
         covered = design @ coefficients <= floor
         if covered.any():  # the floor that minimises the relative error of those it covers
-            inverse = 1.0 / seconds[covered]
-            floor = float(inverse.sum() / (inverse**2).sum())
+            floor = _best_constant(seconds[covered])
         candidate = error(coefficients, floor)
         if candidate < best_error:
             best, best_floor, best_error = coefficients, float(floor), candidate
     return {term: float(value) for term, value in zip(terms, best, strict=True)}, best_floor
+
+
+def _best_constant(seconds: np.ndarray) -> float:
+    """The constant c with the least sum of ((c - s) / s)^2: sum(1/s) / sum(1/s^2)."""
+    inverse = 1.0 / seconds
+    return float(inverse.sum() / (inverse**2).sum())
 
 
 def _least_squares(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:

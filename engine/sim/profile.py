@@ -12,9 +12,9 @@ Written by ``python -m engine.sim.profiler`` and read by the simulated engine, w
                 "seconds": 0.0109, "host_seconds": 0.0021}, ...]}
 
 ``host_seconds`` (optional: the profiler writes it since 2026-11-28, after the committed H100
-profiles were made) is the step's host time until its
-kernels were queued (``IterationStats.forward_enqueue_time``): where it is close to ``seconds``
-the step was bound by the host, not the device. The fit does not use it yet.
+profiles were made) is the step's host time until its kernels were queued
+(``IterationStats.forward_enqueue_time``): where it is close to ``seconds`` the step was bound by
+the host, not the device. The fit does not use it yet.
 """
 
 from __future__ import annotations

@@ -459,14 +459,13 @@ class _Profiler:
             elif need > limits.num_blocks:
                 reason = f"needs {need} KV blocks; the pool has {limits.num_blocks}"
             if reason is None:
-                measured.append((tokens, num_seqs))
+                measured.append((tokens, num_seqs, lengths))
             else:
                 self._skip("mixed", f"R={num_decodes} T={tokens} S={num_seqs} C={context}", reason)
         if not measured:
             return
         requests = self._start_decodes(num_decodes, context, new_tokens, timed_total)
-        for tokens, num_seqs in measured:
-            lengths = split_tokens(tokens, num_seqs)
+        for tokens, num_seqs, lengths in measured:
             self._measure(
                 "mixed",
                 f"mixed R={num_decodes} T={tokens} S={num_seqs} C={context}",
@@ -482,7 +481,7 @@ class _Profiler:
         self._drain(requests, f"mixed R={num_decodes}")
         self._log(
             f"mixed   R={num_decodes} at c={context}: T/S="
-            f"{','.join(f'{t}/{s}' for t, s in measured)} "
+            f"{','.join(f'{t}/{s}' for t, s, _ in measured)} "
             f"({len(measured)} points, {time.perf_counter() - started:.1f} s)"
         )
 
@@ -576,10 +575,7 @@ class _Profiler:
         while waiting or self.executor.has_unfinished_requests:
             if waiting:
                 self.executor.enqueue_requests([waiting.pop()])
-            seconds, host, features = self._step("replay")
-            self.rows.append(
-                {"kind": "replay", **features.as_dict(), "seconds": seconds, "host_seconds": host}
-            )
+            self._record("replay", *self._step("replay"))
             num_steps += 1
         self._drain(everyone, "replay")
         self._log(
@@ -607,7 +603,9 @@ class _Profiler:
                 self._check_idle(label)
             if i >= self.warmup:
                 samples.append((seconds, host, features))
-        seconds, host, features = sorted(samples, key=lambda s: s[0])[(len(samples) - 1) // 2]
+        self._record(kind, *sorted(samples, key=lambda s: s[0])[(len(samples) - 1) // 2])
+
+    def _record(self, kind: str, seconds: float, host: float, features: StepFeatures) -> None:
         self.rows.append(
             {"kind": kind, **features.as_dict(), "seconds": seconds, "host_seconds": host}
         )
