@@ -52,7 +52,11 @@ def copy_bandwidth(device: str) -> float:
 
 
 def build_llm(
-    preset: str, device: str, context: int, enforce_eager: bool = False, piecewise: bool = False
+    preset: str,
+    device: str,
+    context: int,
+    enforce_eager: bool = False,
+    piecewise: bool | None = None,
 ) -> LLM:
     return LLM(
         preset,
@@ -99,6 +103,15 @@ def decode_table(
         executor.enqueue_requests(requests)
         while not all(r.is_generation for r in requests):
             executor.step()
+            done = [r for r in requests if r.is_finished]
+            if done:  # else this loop would never end
+                raise SystemExit(
+                    f"{preset}: {batch} requests of context {context} cannot decode together: "
+                    + (
+                        done[0].rejection_reason
+                        or f"the KV pool ({llm.kv_cache_manager.num_blocks} blocks) is too small"
+                    )
+                )
         for _ in range(WARMUP_STEPS):
             executor.step()
         seconds = []

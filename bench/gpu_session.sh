@@ -31,7 +31,7 @@ tail -1 "$LOGS/pytest.log"
 step "tiny presets vs generate()" "$LOGS/gpu_check.log" \
   python bench/gpu_check.py --out "$LOGS/gpu_check" --presets ''
 for mode in eager piecewise; do
-  flag=()
+  flag=(--no-piecewise)
   [[ $mode == piecewise ]] && flag=(--piecewise)
   for preset in ${PRESETS//,/ }; do
     step "anatomy $preset $mode" "$LOGS/anatomy-$preset-$mode.log" python bench/step_anatomy.py \

@@ -177,16 +177,15 @@ def run_preset(preset: str, args, bandwidth: float, flops: float) -> tuple[dict,
         seconds["ours_again"], _ = timed(device, partial(llm.generate, prompts, params))
         breakdown["again"] = step_breakdown(llm.executor.iteration_stats[first_step:])
     memory = extra_memory(llm) if is_cuda else {}
+    is_piecewise = llm.model_engine.piecewise_runner is not None  # before the release below
     decode_rows = []
     if args.decode_batches:
         batches = [int(b) for b in args.decode_batches.split(",")]
         profile = str(Path(args.out, f"host_profile_{preset}.txt"))
         decode_rows = decode_table(llm, preset, batches, bandwidth, args.context, profile)
-    # Give the KV pool and the graphs' memory back before transformers allocates its caches.
-    llm.model_engine.graph_runner = None
-    llm.kv_cache_manager.kv_pool = None
-    if is_cuda:
-        torch.cuda.empty_cache()
+    # Give the KV pool and the graphs' memory back before transformers allocates its caches,
+    # and before the next preset sizes its pool from the free memory.
+    llm.release_gpu_memory()
     theirs = {}
     for peer in filter(None, args.peers.split(",")):
         if peer == "hf_static":
@@ -202,7 +201,7 @@ def run_preset(preset: str, args, bandwidth: float, flops: float) -> tuple[dict,
         "preset": preset,
         "device": torch.cuda.get_device_name() if is_cuda else "cpu",
         "cuda_graphs": not args.enforce_eager and is_cuda,
-        "piecewise_cuda_graphs": args.piecewise,
+        "piecewise_cuda_graphs": is_piecewise,
         "prompt_tokens": sum(map(len, prompts)),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "output_tok_s": {k: round(num_out / v, 1) for k, v in seconds.items()},
@@ -282,7 +281,9 @@ def main() -> None:
     parser.add_argument("--peers", default="hf_static,hf_continuous", help="'' for none")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument(
-        "--piecewise", action="store_true", help="steps with prompt tokens as piecewise CUDA graphs"
+        "--piecewise",
+        action=argparse.BooleanOptionalAction,
+        help="steps with prompt tokens as piecewise CUDA graphs (default: where they can run)",
     )
     parser.add_argument("--decode-batches", default="1,8,32,64,128,256", help="'' to skip")
     parser.add_argument("--context", type=int, default=1024, help="decode-step context")

@@ -7,7 +7,7 @@
 # On the GPU machine: the repo root on PYTHONPATH, Hydra installed from the carried wheels
 # (../shared/tools/device-wheels.sh), and the Azure trace carried in a git-ignored copy:
 #   mkdir -p .traces && cp ../shared/traces/azure_llm_2023_conv.csv .traces/   # carry .traces
-# Writes OUT_DIR/<model>.json (the profile: commit it as engine/sim/profiles/h100/<model>.json),
+# Writes OUT_DIR/<model>.json (the profile: commit it as engine/sim/profiles/<gpu>/<model>.json),
 # OUT_DIR/fidelity-<workload>-<model>.{csv,png}, and OUT_DIR/calibration-<model>.tar.gz holding
 # the real and simulated result directories and each pair's steps.csv (the profile's error on
 # every real step; RESULTS, default a temporary directory), so that few files come back from a

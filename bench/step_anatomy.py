@@ -121,7 +121,9 @@ def main() -> None:
         "the SCHEDLAB_FAST_LAUNCH environment variable",
     )
     parser.add_argument(
-        "--piecewise", action="store_true", help="steps with prompt tokens as piecewise CUDA graphs"
+        "--piecewise",
+        action=argparse.BooleanOptionalAction,
+        help="steps with prompt tokens as piecewise CUDA graphs (default: where they can run)",
     )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)  # results go under it

@@ -122,9 +122,11 @@ class LLM:
     On CUDA, decode-only steps replay CUDA graphs captured at start-up for the bucket sizes
     ``cuda_graph_batch_sizes`` (default: ``default_cuda_graph_batch_sizes(max_batch_size)``);
     ``enforce_eager=True`` (vLLM's name) runs every step eagerly. CPU runs are always eager.
-    ``piecewise_cuda_graphs=True`` also captures the other steps between their attentions, per
-    token bucket (``piecewise_token_sizes``, default ``default_piecewise_token_sizes``): see
-    ``engine.piecewise_graphs``. Off by default until a GPU run has checked it.
+    Piecewise CUDA graphs capture the other steps between their attentions, per token bucket
+    (``piecewise_token_sizes``, default ``default_piecewise_token_sizes``): see
+    ``engine.piecewise_graphs``. ``piecewise_cuda_graphs``: ``None`` (default) uses them where
+    they can run (CUDA, Triton attention, not ``enforce_eager``, a token budget or explicit
+    sizes), ``True`` insists (an error where they cannot), ``False`` runs those steps eagerly.
 
     ``engine="sim"``: no weights and no tensors; each step's time comes from ``cost_model`` (a
     ``engine.sim.Profile``, a profile file, or any ``engine.sim.CostModel``) on a
@@ -149,7 +151,7 @@ class LLM:
         attention_backend: str = "auto",
         enforce_eager: bool = False,
         cuda_graph_batch_sizes: Sequence[int] | None = None,
-        piecewise_cuda_graphs: bool = False,
+        piecewise_cuda_graphs: bool | None = None,
         piecewise_token_sizes: Sequence[int] | None = None,
         engine: str = "torch",
         cost_model: Any = None,
@@ -224,14 +226,32 @@ class LLM:
         self,
         enforce_eager: bool,
         batch_sizes: Sequence[int] | None,
-        piecewise: bool,
+        piecewise: bool | None,
         token_sizes: Sequence[int] | None,
     ) -> None:
         engine = self.model_engine
         engine.graph_runner = self._graph_runner(engine.model, enforce_eager, batch_sizes)
+        if piecewise is None:  # where they can run
+            piecewise = (
+                not enforce_eager
+                and self.device.type == "cuda"
+                and engine.model.attention_backend == "triton"
+                and bool(token_sizes or getattr(self.microbatch_scheduler, "max_num_tokens", None))
+            )
         if piecewise and not enforce_eager:
             engine.piecewise_runner = self._piecewise_runner(engine.model, token_sizes)
         self._memory_checkpoint("cuda_graphs")
+
+    def release_gpu_memory(self) -> None:
+        """Give back the KV pool and the CUDA graphs' memory; the weights stay (a benchmark
+        runs a peer on them next). The LLM cannot step afterwards."""
+        if self.engine == "sim":
+            return  # nothing was allocated
+        self.model_engine.graph_runner = None
+        self.model_engine.piecewise_runner = None  # it holds the pool too
+        self.kv_cache_manager.kv_pool = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _init_sim(self, model, dtype, cost_model, clock) -> tuple[SimDecoder, VirtualClock]:
         """No weights, no tensors: the model's shape, a cost model and a virtual clock."""

@@ -17,7 +17,8 @@ piece is per token, and attention sees only the real T tokens); their temporarie
 memory pool shared by every piece and bucket, which is safe because pieces never overlap.
 
 ``capture=False`` runs the same pieces on the same padded buffers without capturing (CPU tests).
-Off by default (``LLM(piecewise_cuda_graphs=True)``) until a GPU run has checked it.
+On by default where it can run (``LLM(piecewise_cuda_graphs=None)``) since the H200 run of
+2026-11-28: the same tokens as eager steps, and a 16-token llama-8b step in 5.9 ms against 15.2.
 """
 
 from __future__ import annotations

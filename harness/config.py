@@ -8,7 +8,7 @@ all three are built before the model is loaded.
 
 ``${by_device:DEVICE,CPU_VALUE,CUDA_VALUE}`` picks a value by the device a run will use
 (``auto`` = cuda when a GPU is visible), so one experiment file sizes itself for a laptop CPU or
-an H100.
+an H100 / H200.
 """
 
 from __future__ import annotations
@@ -56,14 +56,15 @@ class ExecutorConfig:
     # CUDA graphs for decode-only steps (CUDA only; vLLM's enforce_eager turns them off).
     enforce_eager: bool = False
     cuda_graph_batch_sizes: list[int] | None = None  # null: 1, 2, 4, ..., max_batch_size
-    # Steps with prompt tokens as CUDA graphs between eager attentions (engine/piecewise_graphs.py;
-    # off until a GPU run has checked it), per token bucket (null: 16, 32, ..., max_num_tokens).
-    piecewise_cuda_graphs: bool = False
+    # Steps with prompt tokens as CUDA graphs between eager attentions (engine/piecewise_graphs.py):
+    # null where they can run, true insists, false never; per token bucket (null: 16, 32, ...,
+    # max_num_tokens).
+    piecewise_cuda_graphs: bool | None = None
     piecewise_token_sizes: list[int] | None = None
     # engine=sim: the profile to fit step times to (null: engine/sim/profiles/<sim_device>/
     # <model>.json, made by python -m engine.sim.profiler)
     profile: str | None = None
-    sim_device: str = "h100"
+    sim_device: str = "h200"  # the GPU our runs use since 2026-11-28 (h100 also committed)
 
 
 @dataclass

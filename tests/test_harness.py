@@ -322,13 +322,14 @@ def test_sim_engine_without_a_profile_says_how_to_make_one(tmp_path: Path):
     )
     assert proc.returncode == 2
     assert "no profile for model 'llama-8b' on 'a100'" in proc.stderr + proc.stdout
-    assert "available: h100/llama-1b, h100/llama-8b" in proc.stderr + proc.stdout
+    available = "available: h100/llama-1b, h100/llama-8b, h200/llama-1b, h200/llama-8b"
+    assert available in proc.stderr + proc.stdout
     assert "python -m engine.sim.profiler" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
 
 
-def test_sim_engine_runs_on_the_committed_h100_profile(tmp_path: Path):
-    """No executor.profile: engine/sim/profiles/h100/llama-8b.json, measured on the H100."""
+def test_sim_engine_runs_on_the_committed_h200_profile(tmp_path: Path):
+    """No executor.profile: engine/sim/profiles/h200/llama-8b.json, measured on the H200."""
     out = tmp_path / "out"
     harness(
         out,
@@ -339,5 +340,5 @@ def test_sim_engine_runs_on_the_committed_h100_profile(tmp_path: Path):
     )
     run = load(only_dir(out / "default"))
     assert run.info["status"] == "ok" and run.info["engine"] == "sim"
-    assert run.info["device"] == "sim (NVIDIA H100 80GB HBM3)"
+    assert run.info["device"] == "sim (NVIDIA H200)"
     assert len(run.requests) == 40 and (run.requests["e2el_ms"] > 0).all()

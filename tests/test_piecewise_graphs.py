@@ -84,7 +84,9 @@ def test_buckets_rows_and_bad_setups():
             PiecewiseGraphRunner(model, pool, [8], 4, capture=True)
         with pytest.raises(ValueError, match="needs a CUDA device"):
             make_llm(enforce_eager=False, piecewise_cuda_graphs=True)
-    torch_llm = LLM("llama-tiny", device=DEVICE, dtype="float32", attention_backend="torch")
+    torch_llm = LLM(
+        "llama-tiny", device=DEVICE, dtype="float32", attention_backend="torch", enforce_eager=True
+    )
     with pytest.raises(ValueError, match="triton attention backend"):
         PiecewiseGraphRunner(
             torch_llm.model_engine.model, torch_llm.kv_cache_manager.kv_pool, [8], 4, capture=False
@@ -210,3 +212,26 @@ def test_a_piecewise_step_does_not_synchronise_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert logits.shape[0] == 3 and runner.num_steps == before + 1
+
+
+def test_piecewise_graphs_default_to_where_they_can_run():
+    """``piecewise_cuda_graphs=None`` (the default): on for CUDA with Triton attention and a token
+    budget, off on CPU and under enforce_eager; False is always off."""
+    llm = make_llm(enforce_eager=False)
+    assert (llm.model_engine.piecewise_runner is not None) is IS_CUDA
+    for kwargs in (
+        dict(enforce_eager=True),
+        dict(enforce_eager=False, piecewise_cuda_graphs=False),
+    ):
+        assert make_llm(**kwargs).model_engine.piecewise_runner is None, kwargs
+
+
+def test_release_gpu_memory_drops_the_pool_and_every_graph():
+    llm = make_llm(enforce_eager=not IS_CUDA)
+    attach(llm, [16])
+    llm.release_gpu_memory()
+    engine = llm.model_engine
+    assert llm.kv_cache_manager.kv_pool is None
+    assert engine.graph_runner is None and engine.piecewise_runner is None
+    with pytest.raises(RuntimeError, match="no pool"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))

@@ -450,11 +450,14 @@ def test_profile_load_non_positive_seconds(tmp_path, seconds):
 
 # ---- the committed profiles ---------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["llama-1b", "llama-8b"])
-def test_committed_h100_profiles_fit_their_own_serving_steps(model):
-    """engine/sim/profiles/h100/<model>.json, measured on the H100 (bench/sim_calibration.sh)."""
-    assert f"h100/{model}" in available_profiles()
-    profile = Profile.load(default_profile_path(model, "h100"))
-    assert profile.model == model and "H100" in profile.device and profile.dtype == "bfloat16"
+@pytest.mark.parametrize("device", ["h100", "h200"])
+def test_committed_profiles_fit_their_own_serving_steps(device, model):
+    """engine/sim/profiles/<device>/<model>.json, measured on that GPU (python -m
+    engine.sim.profiler; the H200 ones with piecewise CUDA graphs, the engine's default)."""
+    assert f"{device}/{model}" in available_profiles()
+    profile = Profile.load(default_profile_path(model, device))
+    assert profile.model == model and device.upper() in profile.device
+    assert profile.dtype == "bfloat16"
     assert profile.command.startswith(f"python -m engine.sim.profiler --model {model}")
     assert profile.engine["cuda_graphs"] and profile.engine["attention_backend"] == "triton"
     kinds = Counter(row["kind"] for row in profile.steps)

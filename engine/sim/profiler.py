@@ -27,9 +27,10 @@ between groups. The replay steps are the check on the grid: ``fit_report`` predi
 fit to the grid points alone before the final fit uses them too.
 
     python -m engine.sim.profiler --model llama-8b --device cuda \\
-        --out engine/sim/profiles/h100/llama-8b.json [--grid full|small] \\
+        --out engine/sim/profiles/h200/llama-8b.json [--grid full|small] \\
         [--max-batch-size 256] [--max-num-tokens 8192] [--tokens-per-block 32] \\
-        [--kv-fraction 0.9] [--repeats 3] [--dtype auto] [--enforce-eager] [--piecewise]
+        [--kv-fraction 0.9] [--repeats 3] [--dtype auto] [--enforce-eager] \\
+        [--piecewise | --no-piecewise]
 """
 
 from __future__ import annotations
@@ -911,7 +912,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs a point (median)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument(
-        "--piecewise", action="store_true", help="steps with prompt tokens as piecewise CUDA graphs"
+        "--piecewise",
+        action=argparse.BooleanOptionalAction,
+        help="steps with prompt tokens as piecewise CUDA graphs (default: where they can run)",
     )
     return parser
 
