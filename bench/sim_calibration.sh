@@ -8,11 +8,14 @@
 # (../shared/tools/device-wheels.sh), and the Azure trace carried in a git-ignored copy:
 #   mkdir -p .traces && cp ../shared/traces/azure_llm_2023_conv.csv .traces/   # carry .traces
 # Writes OUT_DIR/<model>.json (the profile: commit it as engine/sim/profiles/<gpu>/<model>.json),
-# OUT_DIR/fidelity-<workload>-<model>.{csv,png}, and OUT_DIR/calibration-<model>.tar.gz holding
+# OUT_DIR/fidelity-<workload>-<model>.{csv,png}, OUT_DIR/fidelity-<workload>-calibrated-<model>.csv
+# (the workload simulated with the profile calibrated on the other one's real run; the calibrated
+# profiles go into the tarball), and OUT_DIR/calibration-<model>.tar.gz holding
 # the real and simulated result directories and each pair's steps.csv (the profile's error on
 # every real step; RESULTS, default a temporary directory), so that few files come back from a
 # device call. A failing step is reported and the rest still run.
-# REAL_REPEAT=1 also runs the Azure window real twice (the real engine's run-to-run spread).
+# REAL_REPEAT=1 also runs the Azure window real twice (the real engine's run-to-run spread; its
+# fidelity table is in the tarball: a device call brings back 8 files).
 set -uo pipefail
 OUT=${1:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
 MODEL=${2:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
@@ -61,6 +64,27 @@ for name in fcfs azure; do
     failed+=("fidelity $name (no result directory)")
   fi
 done
+# Cross-validated calibration: the profile calibrated with one workload's real steps
+# (python -m harness.calibrate) simulates the other workload, compared with its real run.
+declare -A OTHER=([fcfs]=azure [azure]=fcfs)
+for name in fcfs azure; do
+  other=${OTHER[$name]}
+  calibrated=$RESULTS/$MODEL-calibrated-$name.json
+  # the run (azure) or sweep (fcfs) directory under the output root
+  real=$(find "$RESULTS/real/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
+  step "calibrate with $name" python -m harness.calibrate "$real" \
+    --profile "$PROFILE" --out "$calibrated"
+  # shellcheck disable=SC2086
+  step "sim $other, calibrated with $name" python -m harness ${WORKLOADS[$other]} model="$MODEL" \
+    executor.engine=sim executor.profile="$calibrated" \
+    output_root="$RESULTS/simcal/$other-$MODEL" progress=false
+  real=$(find "$RESULTS/real/$other-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
+  sim=$(find "$RESULTS/simcal/$other-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
+  step "fidelity $other, calibrated with $name" python -m harness.fidelity "$real" "$sim" \
+    --out "$RESULTS/fidelity/$other-calibrated-$MODEL"
+  cp "$RESULTS/fidelity/$other-calibrated-$MODEL/fidelity.csv" \
+    "$OUT/fidelity-$other-calibrated-$MODEL.csv"
+done
 # REAL_REPEAT=1: the Azure window real a second time, compared with the first run: the real
 # engine's own run-to-run spread, the floor under any simulator's error.
 if [[ ${REAL_REPEAT:-0} == 1 ]]; then
@@ -71,7 +95,6 @@ if [[ ${REAL_REPEAT:-0} == 1 ]]; then
   again=$(find "$RESULTS/real2/azure-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
   step "real vs real" python -m harness.fidelity "$first" "$again" \
     --out "$RESULTS/fidelity/azure-repeat-$MODEL"
-  cp "$RESULTS/fidelity/azure-repeat-$MODEL/fidelity.csv" "$OUT/fidelity-azure-repeat-$MODEL.csv"
 fi
 tar -czf "$OUT/calibration-$MODEL.tar.gz" -C "$RESULTS" .
 if ((${#failed[@]})); then

@@ -242,6 +242,16 @@ class LLM:
             engine.piecewise_runner = self._piecewise_runner(engine.model, token_sizes)
         self._memory_checkpoint("cuda_graphs")
 
+    @property
+    def device_name(self) -> str:
+        """What the steps ran on, as profiles name it: the card ('NVIDIA H200') on CUDA, 'cpu'
+        on CPU, the profile's device under ``engine='sim'`` ('sim' with no profile)."""
+        if self.engine == "sim":
+            return self.profile.device if self.profile is not None else "sim"
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return str(self.device.type)
+
     def release_gpu_memory(self) -> None:
         """Give back the KV pool and the CUDA graphs' memory; the weights stay (a benchmark
         runs a peer on them next). The LLM cannot step afterwards."""

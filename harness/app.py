@@ -178,6 +178,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
         "engine": llm.engine,
         "device": f"sim ({llm.profile.device})" if is_sim else str(llm.device),
         "dtype": str(llm.dtype).removeprefix("torch."),
+        "hardware": llm.device_name,  # the card on CUDA: what harness.calibrate checks
         "workload": workload.name,
         "num_requests": len(workload),
         "wall_time_s": round(time.perf_counter() - started, 3),

@@ -93,57 +93,33 @@ def step_predictions(real: Path, profile_path: Path) -> pd.DataFrame:
     seconds the profile's cost model predicts for its work."""
     import numpy as np
 
-    from engine.sim.cost_model import StepFeatures
     from engine.sim.profile import Profile
-    from harness.results import RunResult, load
+    from harness.calibrate import features, runs_under, serving_steps
 
     profile = Profile.load(profile_path)
     model = profile.cost_model()
-    result = load(real)
-    runs = [result] if isinstance(result, RunResult) else result.runs
     tables = []
-    for run in runs:
-        steps = run.iterations
-        if run.status != "ok" or steps.empty:
+    for run in runs_under(real):
+        if run.status != "ok" or run.iterations.empty:
             continue
-        run_model = (run.config.get("model") or {}).get("name")
-        if run_model is not None and run_model != profile.model:
-            raise ValueError(
-                f"{run.path}: a run of model {run_model!r}, but {profile_path} profiles "
-                f"{profile.model!r}"
+        try:
+            steps = serving_steps(run, profile.model)
+        except ValueError as error:
+            raise ValueError(f"{error} (profile {profile_path})") from error
+        tables.append(
+            pd.DataFrame(
+                {
+                    "variant": variant_key(run),
+                    "kind": steps.kind,
+                    # the size that moves a step's time most: decode rows, or context tokens
+                    "size": np.where(
+                        steps.kind == "decode", steps.num_decode_seqs, steps.num_context_tokens
+                    ),
+                    "measured": steps.seconds,
+                    "predicted": [model.predict(f) for f in features(steps)],
+                }
             )
-        if "decode_kv_tokens" not in steps:
-            raise ValueError(
-                f"{run.path}: iterations.parquet has no decode_kv_tokens column (recorded since "
-                "2026-11-28); run the real engine again to check its steps"
-            )
-        steps = steps[(steps.num_context_tokens > 0) | (steps.num_generation_requests > 0)]
-        predicted = [
-            model.predict(
-                StepFeatures(
-                    num_context_seqs=int(row.num_context_requests),
-                    num_context_tokens=int(row.num_context_tokens),
-                    context_attention=float(row.context_attention),
-                    num_decode_seqs=int(row.num_generation_requests),
-                    decode_kv_tokens=int(row.decode_kv_tokens),
-                )
-            )
-            for row in steps.itertuples()
-        ]
-        has_context, has_decodes = steps.num_context_tokens > 0, steps.num_generation_requests > 0
-        frame = pd.DataFrame(
-            {
-                "variant": variant_key(run),
-                "kind": np.select([~has_context, ~has_decodes], ["decode", "prefill"], "mixed"),
-                # the size that moves a step's time most: decode rows, or context tokens
-                "size": np.where(
-                    has_context, steps.num_context_tokens, steps.num_generation_requests
-                ),
-                "measured": steps.step_latency.to_numpy(),
-                "predicted": predicted,
-            }
         )
-        tables.append(frame)
     if not tables:
         raise ValueError(f"{real}: no successful run with steps to check")
     return pd.concat(tables, ignore_index=True)

@@ -81,7 +81,7 @@ def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path
     other = tmp_path / "llama-8b.json"
     synthetic_profile("llama-8b").save(other)
     assert main([str(run), str(run), "--out", str(report), "--profile", str(other)]) == 2
-    assert "a run of model 'llama-1b', but" in capsys.readouterr().err
+    assert "a run of model 'llama-1b', not 'llama-8b'" in capsys.readouterr().err
 
     iterations = pd.read_parquet(run / "iterations.parquet")
     iterations.drop(columns="decode_kv_tokens").to_parquet(run / "iterations.parquet")

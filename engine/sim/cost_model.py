@@ -74,6 +74,14 @@ class StepFeatures:
     def is_decode_only(self) -> bool:
         return self.num_context_tokens == 0
 
+    @property
+    def kind(self) -> str:
+        """``decode`` (decodes only), ``prefill`` (contexts only) or ``mixed``: the kinds the
+        cost models fit separately."""
+        if self.num_context_tokens == 0:
+            return "decode"
+        return "prefill" if self.num_decode_seqs == 0 else "mixed"
+
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
@@ -112,6 +120,7 @@ class RooflineCostModel(CostModel):
         return self.overhead + gemm + kv_read + attention
 
 
+STEP_KINDS = ("decode", "prefill", "mixed")  # StepFeatures.kind
 DECODE_TERMS = ("intercept", "num_decode_seqs", "decode_kv_tokens")
 PREFILL_TERMS = ("intercept", "num_context_tokens", "context_attention", "num_context_seqs")
 MIXED_TERMS = (
@@ -168,14 +177,12 @@ class LinearCostModel(CostModel):
         context tokens and attention move together): on the H100 llama-8b profile it put the
         per-token cost at a tenth of the prefill's and under-predicted a real Azure run's mixed
         steps by 31% in total, against 8% composed (docs/performance.md)."""
-        decode, prefill, mixed = [], [], []
+        by_kind: dict[str, list[tuple[StepFeatures, float]]] = {k: [] for k in STEP_KINDS}
         for features, seconds in samples:
             if seconds <= 0:
                 raise ValueError(f"measured step time must be positive, got {seconds}")
-            if features.is_decode_only:
-                decode.append((features, seconds))
-            else:
-                (prefill if features.num_decode_seqs == 0 else mixed).append((features, seconds))
+            by_kind[features.kind].append((features, seconds))
+        decode, prefill, mixed = (by_kind[k] for k in STEP_KINDS)
         floors: dict[str, float] = {}
         decode_fit, floors["decode"] = _fit_kind(decode, DECODE_TERMS, "decode-only")
         separate = len(prefill) >= 2 * len(PREFILL_TERMS) and len(mixed) >= 2 * len(MIXED_TERMS)

@@ -15,18 +15,28 @@ Written by ``python -m engine.sim.profiler`` and read by the simulated engine, w
 profiles were made) is the step's host time until its kernels were queued
 (``IterationStats.forward_enqueue_time``): where it is close to ``seconds`` the step was bound by
 the host, not the device. The fit does not use it yet.
+
+Steps of kind ``serving`` come from real serving runs (``python -m harness.calibrate``), with
+their sources in ``calibration``. Where a profile has at least ``MIN_SERVING_STEPS`` serving steps
+of a kind (decode, prefill or mixed: ``StepFeatures.kind``; prefill follows mixed), the cost model
+fits that kind to them alone, and to the profiler's steps otherwise: a serving step is the engine
+under real load (ragged lengths, a busy pool, back-to-back steps), which the profiler's isolated
+points miss by 4-17% on the H200 (docs/performance.md), and a mix of both fits neither.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from engine.sim.cost_model import LinearCostModel, StepFeatures
+from engine.sim.cost_model import STEP_KINDS, LinearCostModel, StepFeatures
 
 FORMAT_VERSION = 1
+SERVING = "serving"  # the kind of the steps taken from real serving runs
+MIN_SERVING_STEPS = 30  # of one kind, for the fit of that kind to use serving steps only
 _FEATURES = tuple(f.name for f in fields(StepFeatures))
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -42,6 +52,7 @@ class Profile:
     software: dict[str, str] = field(default_factory=dict)
     command: str = ""
     created: str = ""
+    calibration: list[dict[str, Any]] = field(default_factory=list)  # serving steps' sources
 
     def samples(self) -> list[tuple[StepFeatures, float]]:
         return [
@@ -49,8 +60,31 @@ class Profile:
             for row in self.steps
         ]
 
+    def fit_samples(self) -> list[tuple[StepFeatures, float]]:
+        """The samples the cost model fits: per kind of step, the serving steps where there
+        are at least ``MIN_SERVING_STEPS`` of them, else the profiler's."""
+        samples = self.samples()
+        is_serving = [row.get("kind") == SERVING for row in self.steps]
+        num_serving = Counter(f.kind for (f, _), s in zip(samples, is_serving, strict=True) if s)
+        use_serving = {kind: num_serving[kind] >= MIN_SERVING_STEPS for kind in STEP_KINDS}
+        # Serving runs have few pure prefill steps. With serving mixed steps, the grid's prefill
+        # steps would make the mixed fit a composition of the grid's prefill rates (which miss
+        # serving contexts); without them it is a free fit to the serving steps, prefills too.
+        use_serving["prefill"] |= use_serving["mixed"]
+        return [
+            sample
+            for sample, serving in zip(samples, is_serving, strict=True)
+            if serving == use_serving[sample[0].kind]
+        ]
+
     def cost_model(self) -> LinearCostModel:
-        return LinearCostModel.fit(self.samples())
+        return LinearCostModel.fit(self.fit_samples())
+
+    def with_serving_steps(self, rows: list[dict[str, float]], source: dict[str, Any]) -> Profile:
+        """A copy with ``rows`` (features, ``seconds``, optional ``host_seconds``) added as
+        serving steps, and ``source`` (where they came from) in ``calibration``."""
+        steps = [{"kind": SERVING, **row} for row in rows]
+        return replace(self, steps=[*self.steps, *steps], calibration=[*self.calibration, source])
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

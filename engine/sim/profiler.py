@@ -744,7 +744,7 @@ def profile_engine(
     }
     return Profile(
         model=llm.model_name,
-        device=torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
+        device=llm.device_name,
         dtype=str(llm.dtype).removeprefix("torch."),
         steps=profiler.rows,
         # JSON's own types (tuples become lists), so that a saved profile loads back equal.

@@ -1,0 +1,192 @@
+"""Calibrate a simulator profile with the steps of real serving runs.
+
+    python -m harness.calibrate REAL [REAL ...] --profile P --out P2 [--max-steps 1000]
+
+REAL: run or sweep directories of the real engine (``harness.results.load``) on the GPU and model
+that ``P`` profiles. Every step of a run that ran a batch carries the counts the cost model reads
+(``iterations.parquet``: context sequences, tokens and attention pairs, decode sequences and KV
+tokens) and its measured time, so it is a sample the cost model can fit as it is. ``P2`` is ``P``
+with those steps added as ``serving`` steps (at most ``--max-steps`` of each kind a run, evenly
+spread over the run) and their sources under ``calibration``; the cost model then fits each kind
+of step to the serving steps where it has enough of them (``engine.sim.profile.MIN_SERVING_STEPS``).
+
+Why: the profiler times each batch shape alone, from an idle GPU, on sequences of one length. A
+serving step also carries ragged lengths, a pool that has been in use for minutes and steps back
+to back; on the H200 the same counts took 4-17% longer in serving runs than in the profile. A fit
+to one workload's serving steps predicted another workload's to within a few percent in total
+(docs/performance.md). Check a calibrated profile on runs it was not calibrated with.
+
+Prints, per kind of step, how far the profile's cost model was from the runs' measured time
+before and after (``bias``: predicted total / measured total - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine.sim.cost_model import StepFeatures
+from engine.sim.profile import Profile
+from harness.results import RunResult, load
+
+log = logging.getLogger(__name__)
+
+FEATURE_COLUMNS = {  # StepFeatures field -> iterations.parquet column
+    "num_context_seqs": "num_context_requests",
+    "num_context_tokens": "num_context_tokens",
+    "context_attention": "context_attention",
+    "num_decode_seqs": "num_generation_requests",
+    "decode_kv_tokens": "decode_kv_tokens",
+}
+
+
+def runs_under(path: str | Path) -> list[RunResult]:
+    result = load(path)
+    return [result] if isinstance(result, RunResult) else list(result.runs)
+
+
+def serving_steps(run: RunResult, model: str) -> pd.DataFrame:
+    """The steps of ``run`` that ran a batch: the ``StepFeatures`` columns, ``kind``,
+    ``seconds`` (the step's wall time) and ``host_seconds`` (its host time until the forward's
+    kernels were queued). Raises ``ValueError`` naming the run when it is not of ``model`` or
+    predates the recorded work columns."""
+    run_model = (run.config.get("model") or {}).get("name") or run.info.get("model")
+    if run_model is not None and run_model != model:
+        raise ValueError(f"{run.path}: a run of model {run_model!r}, not {model!r}")
+    steps = run.iterations
+    if "decode_kv_tokens" not in steps:
+        raise ValueError(
+            f"{run.path}: iterations.parquet has no decode_kv_tokens column (recorded since "
+            "2026-11-28); run the real engine again"
+        )
+    steps = steps[(steps.num_context_tokens > 0) | (steps.num_generation_requests > 0)]
+    frame = pd.DataFrame({field: steps[column] for field, column in FEATURE_COLUMNS.items()})
+    has_context, has_decodes = frame.num_context_tokens > 0, frame.num_decode_seqs > 0
+    frame["kind"] = np.select([~has_context, ~has_decodes], ["decode", "prefill"], "mixed")
+    frame["seconds"] = steps.step_latency
+    frame["host_seconds"] = steps.get("forward_enqueue_time", 0.0)
+    return frame.reset_index(drop=True)
+
+
+def features(frame: pd.DataFrame) -> list[StepFeatures]:
+    return [
+        StepFeatures(
+            num_context_seqs=int(row.num_context_seqs),
+            num_context_tokens=int(row.num_context_tokens),
+            context_attention=float(row.context_attention),
+            num_decode_seqs=int(row.num_decode_seqs),
+            decode_kv_tokens=int(row.decode_kv_tokens),
+        )
+        for row in frame.itertuples()
+    ]
+
+
+def check_real_run(run: RunResult, profile: Profile) -> None:
+    """A run of the real engine on the profile's GPU; raises ``ValueError`` naming the run."""
+    if run.status != "ok":
+        raise ValueError(f"{run.path}: the run failed ({run.info.get('error')})")
+    if run.info.get("engine", "torch") != "torch":
+        raise ValueError(f"{run.path}: a simulated run; calibrate with runs of the real engine")
+    hardware = run.info.get("hardware")
+    if hardware is None:
+        log.warning("%s does not name its GPU (runs before 2026-11-28): not checked", run.path)
+    elif hardware != profile.device:
+        raise ValueError(
+            f"{run.path}: a run on {hardware!r}, but the profile is of {profile.device!r}"
+        )
+
+
+def sample_steps(steps: pd.DataFrame, max_steps: int) -> pd.DataFrame:
+    """At most ``max_steps`` steps of each kind, evenly spread over the run (every phase of its
+    load), in run order. Per kind: a serving run has ~20 decode steps for each mixed one, and
+    the mixed fit needs its own samples."""
+    keep = []
+    for _, group in steps.groupby("kind"):
+        picks = np.linspace(0, len(group) - 1, min(max_steps, len(group))).round().astype(int)
+        keep += group.index[np.unique(picks)].tolist()
+    return steps.loc[sorted(keep)]
+
+
+def calibrate(profile: Profile, paths: list[str | Path], max_steps: int = 1000) -> Profile:
+    """``profile`` with the serving steps of every run under ``paths`` (see the module doc)."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    for path in paths:
+        for run in runs_under(path):
+            check_real_run(run, profile)
+            steps = serving_steps(run, profile.model)
+            if steps.empty:
+                raise ValueError(f"{run.path}: no step ran a batch")
+            rows = sample_steps(steps, max_steps).drop(columns="kind").to_dict("records")
+            source = {
+                "run": str(run.path),
+                "variant": run.info.get("variant"),
+                "workload": run.info.get("workload"),
+                "hardware": run.info.get("hardware"),
+                "num_steps": len(steps),
+                "num_used": len(rows),
+            }
+            profile = profile.with_serving_steps(rows, source)
+    return profile
+
+
+def bias_table(before: Profile, after: Profile, paths: list[str | Path]) -> pd.DataFrame:
+    """Per kind of step of the runs under ``paths``: steps, measured seconds, and each
+    profile's predicted total against it."""
+    steps = pd.concat(
+        [serving_steps(run, before.model) for path in paths for run in runs_under(path)],
+        ignore_index=True,
+    )
+    batch = features(steps)
+    rows = []
+    for name, profile in (("before", before), ("after", after)):
+        model = profile.cost_model()
+        steps[name] = [model.predict(f) for f in batch]
+    for kind, group in steps.groupby("kind"):
+        measured = group.seconds.sum()
+        rows.append(
+            {
+                "kind": kind,
+                "steps": len(group),
+                "measured_s": round(measured, 3),
+                "bias_before": f"{100 * (group.before.sum() / measured - 1):+.1f}%",
+                "bias_after": f"{100 * (group.after.sum() / measured - 1):+.1f}%",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.calibrate",
+        description="Add the steps of real serving runs to a simulator profile.",
+    )
+    parser.add_argument("real", nargs="+", help="run or sweep directories of the real engine")
+    parser.add_argument("--profile", required=True, help="the profile to calibrate")
+    parser.add_argument("--out", required=True, help="where to write the calibrated profile")
+    parser.add_argument(
+        "--max-steps", type=int, default=1000, help="serving steps kept of each kind, a run"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        profile = Profile.load(args.profile)
+        calibrated = calibrate(profile, args.real, args.max_steps)
+        table = bias_table(profile, calibrated, args.real)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    calibrated.save(args.out)
+    print(table.to_string(index=False))
+    num_added = len(calibrated.steps) - len(profile.steps)
+    print(f"\nwrote {args.out}: {num_added} serving steps added to {len(profile.steps)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

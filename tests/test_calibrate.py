@@ -1,0 +1,160 @@
+"""Calibrating a profile with real serving steps: which samples the cost model fits, and
+``python -m harness.calibrate`` on real (CPU) and simulated runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from engine.sim.cost_model import StepFeatures
+from engine.sim.profile import MIN_SERVING_STEPS, SERVING, Profile
+from harness.calibrate import main
+from tests.test_harness import harness, only_dir
+from tests.test_sim import law, synthetic_profile
+
+SLOWER = 1.25  # the serving steps below take this much longer than the profile's law
+
+
+def serving_rows(num: int, kind: str = "decode") -> list[dict]:
+    """``num`` steps of ``kind`` with independent counts (seeded), ``SLOWER`` than ``law``."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(num):
+        seqs = rng.randint(1, 64)
+        kv = seqs * rng.randint(100, 2000)
+        if kind == "decode":
+            f = StepFeatures(num_decode_seqs=seqs, decode_kv_tokens=kv)
+        else:
+            tokens = rng.randint(64, 4096)
+            f = StepFeatures(
+                num_context_seqs=rng.randint(1, 4),
+                num_context_tokens=tokens,
+                context_attention=tokens * rng.randint(tokens // 2, 4 * tokens),
+                num_decode_seqs=seqs,
+                decode_kv_tokens=kv,
+            )
+        rows.append({**f.as_dict(), "seconds": SLOWER * law(f)})
+    return rows
+
+
+def test_a_kind_with_enough_serving_steps_is_fitted_to_them_alone():
+    grid = synthetic_profile("llama-1b")
+    calibrated = grid.with_serving_steps(serving_rows(MIN_SERVING_STEPS), {"run": "a"})
+    assert len(grid.steps) + MIN_SERVING_STEPS == len(calibrated.steps)  # the grid is kept
+    assert grid.calibration == [] and calibrated.calibration == [{"run": "a"}]
+    assert sum(row.get("kind") == SERVING for row in calibrated.steps) == MIN_SERVING_STEPS
+    decode = StepFeatures(num_decode_seqs=20, decode_kv_tokens=20 * 500)
+    prefill = StepFeatures(num_context_seqs=2, num_context_tokens=600, context_attention=9e4)
+    model = calibrated.cost_model()
+    assert model.predict(decode) == pytest.approx(SLOWER * law(decode), rel=1e-6)
+    assert model.predict(prefill) == pytest.approx(law(prefill), rel=1e-6)  # no serving prefill
+    # One serving step short of the threshold: the kind keeps the profiler's steps.
+    few = grid.with_serving_steps(serving_rows(MIN_SERVING_STEPS - 1), {"run": "b"})
+    assert few.cost_model().predict(decode) == pytest.approx(law(decode), rel=1e-6)
+    # One source per kind: the decode fit sees only serving steps, the others only the grid's.
+    serving = {StepFeatures(**{k: r[k] for k in StepFeatures.__dataclass_fields__})
+               for r in serving_rows(MIN_SERVING_STEPS)}  # fmt: skip
+    fitted = calibrated.fit_samples()
+    assert {f for f, _ in fitted if f.kind == "decode"} == serving
+    assert not serving & {f for f, _ in fitted if f.kind != "decode"}
+    assert len(fitted) == len(calibrated.steps) - sum(f.kind == "decode" for f, _ in grid.samples())
+
+
+def test_prefill_steps_follow_serving_mixed_steps():
+    """Serving runs have few pure prefill steps: with enough serving mixed steps, prefills are
+    fitted with them (a free fit to serving steps) rather than to the grid's prefill points."""
+    calibrated = synthetic_profile("llama-1b").with_serving_steps(
+        serving_rows(MIN_SERVING_STEPS, "mixed"), {"run": "m"}
+    )
+    assert {f.kind for f, _ in calibrated.fit_samples()} == {"decode", "mixed"}
+    prefill = StepFeatures(num_context_seqs=2, num_context_tokens=600, context_attention=9e4)
+    mixed = StepFeatures(3, 900, 3e5, num_decode_seqs=10, decode_kv_tokens=5000)
+    model = calibrated.cost_model()
+    assert model.predict(mixed) == pytest.approx(SLOWER * law(mixed), rel=1e-3)
+    assert model.predict(prefill) == pytest.approx(SLOWER * law(prefill), rel=1e-3)
+
+
+def test_a_calibrated_profile_round_trips(tmp_path: Path):
+    calibrated = synthetic_profile("llama-1b").with_serving_steps(
+        serving_rows(40, "mixed"), {"run": "r", "num_steps": 40, "num_used": 40}
+    )
+    path = tmp_path / "p.json"
+    calibrated.save(path)
+    loaded = Profile.load(path)
+    assert loaded == calibrated
+    assert loaded.cost_model() == calibrated.cost_model()
+
+
+def cpu_run(tmp_path: Path, *args: str) -> Path:
+    out = tmp_path / "runs"
+    # Outputs long enough for MIN_SERVING_STEPS decode steps, on the CPU.
+    harness(
+        out,
+        "model=llama-tiny",
+        "executor.device=cpu",
+        "workload.max_requests=8",
+        "workload.max_output_len=48",
+        "workload.max_input_len=64",
+        "progress=false",
+        *args,
+    )
+    return only_dir(out / "default")
+
+
+def test_cli_calibrates_with_a_real_run_and_refuses_the_wrong_runs(tmp_path: Path, capsys):
+    """A real run on the CPU: its steps become serving steps (capped by --max-steps), the table
+    shows the bias before and after, and the decode fit then uses them alone. A profile of
+    another device or model, or a missing directory, is refused with the reason."""
+    run = cpu_run(tmp_path)
+    assert json.loads((run / "run.json").read_text())["hardware"] == "cpu"  # what is checked
+    iterations = pd.read_parquet(run / "iterations.parquet")
+    has_work = (iterations.num_context_tokens + iterations.num_generation_requests) > 0
+    num_steps = int(has_work.sum())
+    profile = dataclasses.replace(synthetic_profile("llama-tiny"), device="cpu")
+    profile.save(tmp_path / "p.json")
+    out = tmp_path / "calibrated.json"
+    args = [str(run), "--profile", str(tmp_path / "p.json"), "--out", str(out)]
+    assert main([*args, "--max-steps", "1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "bias_before" in printed and f"{num_steps} serving steps added" in printed
+    calibrated = Profile.load(out)
+    serving = [row for row in calibrated.steps if row.get("kind") == SERVING]
+    assert len(serving) == num_steps and calibrated.calibration[0]["num_steps"] == num_steps
+    assert all(row["seconds"] > 0 and "host_seconds" in row for row in serving)
+    # The run's rows as they are: its counts and its measured step times, in order.
+    worked = iterations[has_work]
+    assert [r["decode_kv_tokens"] for r in serving] == worked.decode_kv_tokens.tolist()
+    assert [r["num_decode_seqs"] for r in serving] == worked.num_generation_requests.tolist()
+    assert [r["seconds"] for r in serving] == worked.step_latency.tolist()
+    # Enough decode steps: the decode fit now uses them alone.
+    fitted = [f for f, _ in calibrated.fit_samples() if f.kind == "decode"]
+    assert len(fitted) == sum(r["num_context_tokens"] == 0 for r in serving) >= MIN_SERVING_STEPS
+
+    assert main([*args, "--max-steps", "10"]) == 0  # of each kind
+    kept = Counter(f.kind for f, _ in Profile.load(out).samples()[len(profile.steps) :])
+    assert kept["decode"] == 10 and all(n <= 10 for n in kept.values())
+    capsys.readouterr()
+
+    dataclasses.replace(profile, device="NVIDIA H200").save(tmp_path / "h200.json")
+    assert main([str(run), "--profile", str(tmp_path / "h200.json"), "--out", str(out)]) == 2
+    assert "a run on 'cpu', but the profile is of 'NVIDIA H200'" in capsys.readouterr().err
+    dataclasses.replace(profile, model="llama-8b").save(tmp_path / "8b.json")
+    assert main([str(run), "--profile", str(tmp_path / "8b.json"), "--out", str(out)]) == 2
+    assert "a run of model 'llama-tiny', not 'llama-8b'" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere"), *args[1:]]) == 2
+    assert "no such results directory" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_simulated_run(tmp_path: Path, capsys):
+    from tests.test_fidelity import sim_run
+
+    run, profile = sim_run(tmp_path)
+    assert json.loads((run / "run.json").read_text())["hardware"] == "Synthetic GPU"
+    assert main([str(run), "--profile", str(profile), "--out", str(tmp_path / "c.json")]) == 2
+    assert "a simulated run" in capsys.readouterr().err
