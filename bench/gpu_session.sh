@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4 on a GPU in one device call: the CUDA tests, exactness against transformers, one eager
-# step's anatomy and the reference workload, each without and with piecewise CUDA graphs; a
-# short table last. About 6 minutes on an H100 for both presets.
+# step's anatomy and the reference workload, each without and with piecewise CUDA graphs, and
+# decode steps of the last preset by batch shape (bench/decode_shapes.py, issue 5); a short table
+# last. About 7 minutes on an H200 for both presets.
 #
 #   bash bench/gpu_session.sh OUT_DIR [PRESETS]        # PRESETS default llama-1b,llama-8b
 #
@@ -41,6 +42,10 @@ for mode in eager piecewise; do
     --presets "$PRESETS" --peers '' --repeat --decode-batches 64,256 "${flag[@]}"
 done
 
+# Why serving steps are slower than the profiler's points (issue 5): one change at a time.
+step "decode shapes" "$LOGS/decode-shapes.log" python bench/decode_shapes.py \
+  --out "$LOGS/shapes" --preset "${PRESETS##*,}"
+
 python - "$LOGS" >"$OUT/summary.txt" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -67,6 +72,12 @@ for mode in ("eager", "piecewise"):
     for d in p["decode"]:
         print(f"{d['preset']:9} {mode:9} batch {d['batch']:>3}: {d['ratio']:.2f}x floor, "
               f"host share {100 * d['host_share']:.1f}%")
+shapes = logs / "shapes" / "decode_shapes.json"
+if shapes.exists():
+    print("\ndecode step by batch shape (same sequences and KV tokens), vs uniform")
+    for r in json.loads(shapes.read_text()):
+        print(f"{r['preset']:9} batch {r['batch']:>3} {r['variant']:10} {r['step_ms']:7.2f} ms"
+              f"  {r['vs_uniform']:.3f}")
 EOF
 tar -czf "$OUT/gpu-session.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 cat "$OUT/summary.txt"
