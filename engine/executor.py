@@ -135,7 +135,7 @@ class PyExecutor:
 
         forward_start = time.perf_counter()
         finished: list[Request] = []
-        work = (0.0, 0)  # (context_attention, decode_kv_tokens), for the iteration row
+        work = (0.0, 0, 0)  # (context_attention, decode_kv_tokens, max_decode_kv): the row's
         enqueue_time = 0.0
         if batch.is_empty:
             finished = self._resolve_stall(start)
@@ -268,6 +268,7 @@ class PyExecutor:
             input_prep_time=0.0 if batch.is_empty else self.model_engine.last_input_prep_time,
             context_attention=work[0],
             decode_kv_tokens=work[1],
+            max_decode_kv=work[2],
             forward_enqueue_time=enqueue_time,
         )
         self._num_iterations += 1

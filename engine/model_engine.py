@@ -70,12 +70,12 @@ class ModelEngine(ABC):
     @abstractmethod
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor: ...
 
-    def step_work(self, batch: SchedulerOutput) -> tuple[float, int]:
-        """``(context_attention, decode_kv_tokens)`` of the batch the last ``forward`` ran, for
-        its iteration row; called before the step's counters advance. Engines that counted them
-        while building their inputs return those counts (a pass over 256 requests costs tens of
-        microseconds a step)."""
-        return batch.context_attention, batch.decode_kv_tokens
+    def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
+        """``(context_attention, decode_kv_tokens, max_decode_kv)`` of the batch the last
+        ``forward`` ran, for its iteration row; called before the step's counters advance.
+        Engines that counted them while building their inputs return those counts (a pass over
+        256 requests costs tens of microseconds a step)."""
+        return batch.context_attention, batch.decode_kv_tokens, batch.max_decode_kv
 
 
 @dataclass
@@ -262,10 +262,10 @@ class TorchModelEngine(ModelEngine):
         self.graph_runner = graph_runner
         self.piecewise_runner = piecewise_runner
         self._staging = StagingBuffer(device)
-        self._last_work = (0.0, 0)
+        self._last_work = (0.0, 0, 0)
         self.num_graph_steps = 0  # decode steps served by a graph (for tests and reports)
 
-    def step_work(self, batch: SchedulerOutput) -> tuple[float, int]:
+    def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
         return self._last_work
 
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor:
@@ -275,9 +275,11 @@ class TorchModelEngine(ModelEngine):
         start = time.perf_counter()
         host = flatten_batch(batch, kv_cache_manager)
         # Generations' KV lengths are their seq_lens: summed in C, not over the requests again.
+        decode_lens = host.seq_lens[host.num_context_seqs :]
         self._last_work = (
             batch.context_attention,
-            sum(host.seq_lens[host.num_context_seqs :]),
+            sum(decode_lens),
+            max(decode_lens, default=0),
         )
         runner = self.graph_runner
         if runner is not None and runner.can_run(host):

@@ -74,6 +74,12 @@ class SchedulerOutput:
         return sum(r.num_tokens for r in self.generation_requests)
 
     @property
+    def max_decode_kv(self) -> int:
+        """The longest generation request's KV length (new token in), 0 without any: a decode
+        attention program walks one sequence, so the longest can set the kernel's time."""
+        return max((r.num_tokens for r in self.generation_requests), default=0)
+
+    @property
     def is_empty(self) -> bool:
         return not self.context_requests and not self.generation_requests
 

@@ -37,6 +37,7 @@ class IterationStats:
     # real run's steps can be checked against a profile's predictions one by one.
     context_attention: float = 0.0  # causal query-key pairs of the context chunks
     decode_kv_tokens: int = 0  # KV entries read by the generation requests' attention
+    max_decode_kv: int = 0  # the longest generation request's KV length
     # host time until model_engine.forward returned: its kernels queued, not necessarily run
     # (part of forward_time; the rest is mostly the wait for the device)
     forward_enqueue_time: float = 0.0

@@ -42,6 +42,7 @@ FEATURE_COLUMNS = {  # StepFeatures field -> iterations.parquet column
     "context_attention": "context_attention",
     "num_decode_seqs": "num_generation_requests",
     "decode_kv_tokens": "decode_kv_tokens",
+    "max_decode_kv": "max_decode_kv",  # recorded since 2026-11-28 (0 in older runs)
 }
 
 
@@ -65,7 +66,8 @@ def serving_steps(run: RunResult, model: str) -> pd.DataFrame:
             "2026-11-28); run the real engine again"
         )
     steps = steps[(steps.num_context_tokens > 0) | (steps.num_generation_requests > 0)]
-    frame = pd.DataFrame({field: steps[column] for field, column in FEATURE_COLUMNS.items()})
+    columns = {field: steps.get(column, 0) for field, column in FEATURE_COLUMNS.items()}
+    frame = pd.DataFrame(columns, index=steps.index)
     has_context, has_decodes = frame.num_context_tokens > 0, frame.num_decode_seqs > 0
     frame["kind"] = np.select([~has_context, ~has_decodes], ["decode", "prefill"], "mixed")
     frame["seconds"] = steps.step_latency
@@ -81,6 +83,7 @@ def features(frame: pd.DataFrame) -> list[StepFeatures]:
             context_attention=float(row.context_attention),
             num_decode_seqs=int(row.num_decode_seqs),
             decode_kv_tokens=int(row.decode_kv_tokens),
+            max_decode_kv=int(row.max_decode_kv),
         )
         for row in frame.itertuples()
     ]

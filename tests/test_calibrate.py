@@ -66,6 +66,31 @@ def test_a_kind_with_enough_serving_steps_is_fitted_to_them_alone():
     assert len(fitted) == len(calibrated.steps) - sum(f.kind == "decode" for f, _ in grid.samples())
 
 
+def test_ragged_serving_steps_teach_the_decode_fit_their_longest_sequence():
+    """Serving decode steps whose time also grows with the longest sequence (one decode
+    program walks one sequence): the calibrated fit learns that term, and a step with the same
+    totals but one long sequence is predicted slower. Rows without the column (older profiles
+    and runs) load with 0 there, a term that then gets no coefficient."""
+    tail = 2e-6  # seconds per token of the longest sequence
+    rng = random.Random(1)
+    rows = []
+    for _ in range(60):
+        seqs = rng.randint(8, 128)
+        longest = rng.randint(200, 8000)
+        kv = seqs * rng.randint(100, 1500) + longest
+        f = StepFeatures(num_decode_seqs=seqs, decode_kv_tokens=kv, max_decode_kv=longest)
+        rows.append({**f.as_dict(), "seconds": law(f) + tail * longest})
+    full = synthetic_profile("llama-1b")
+    older = [{k: v for k, v in row.items() if k != "max_decode_kv"} for row in full.steps]
+    grid = dataclasses.replace(full, steps=older)  # as profiles made before the column
+    model = grid.with_serving_steps(rows, {"run": "ragged"}).cost_model()
+    assert model.decode["max_decode_kv"] == pytest.approx(tail, rel=1e-3)
+    even = StepFeatures(num_decode_seqs=64, decode_kv_tokens=64 * 1000, max_decode_kv=1000)
+    ragged = dataclasses.replace(even, max_decode_kv=6000)
+    assert model.predict(ragged) - model.predict(even) == pytest.approx(tail * 5000, rel=1e-3)
+    assert grid.cost_model().decode["max_decode_kv"] == 0.0  # every grid row lacks it
+
+
 def test_prefill_steps_follow_serving_mixed_steps():
     """Serving runs have few pure prefill steps: with enough serving mixed steps, prefills are
     fitted with them (a free fit to serving steps) rather than to the grid's prefill points."""

@@ -71,11 +71,11 @@ def test_iteration_rows_carry_the_work_the_cost_model_sees():
     executor.enqueue_requests([Request(0, [5, 6, 7, 8, 9, 10], params)])
     executor.run()
     rows = [
-        (s.num_context_tokens, s.context_attention, s.decode_kv_tokens)
+        (s.num_context_tokens, s.context_attention, s.decode_kv_tokens, s.max_decode_kv)
         for s in executor.iteration_stats
     ]
     # chunk of 4 behind 0 computed: 4 * (0 + 5/2); chunk of 2 behind 4: 2 * (4 + 3/2)
-    assert rows == [(4, 10.0, 0), (2, 11.0, 0), (0, 0.0, 7), (0, 0.0, 8)]
+    assert rows == [(4, 10.0, 0, 0), (2, 11.0, 0, 0), (0, 0.0, 7, 7), (0, 0.0, 8, 8)]
 
 
 def test_stop_tokens_and_eos_finish_early():

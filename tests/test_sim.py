@@ -90,6 +90,7 @@ def test_step_features_of_a_batch():
         context_attention=5 * (3 + 3) + 4 * (0 + 2.5),  # chunk * (computed + (chunk + 1) / 2)
         num_decode_seqs=2,
         decode_kv_tokens=5 + 8,
+        max_decode_kv=8,  # the longer decode: 7 prompt tokens + 1 output
     )
     assert features.num_tokens == 11 and not features.is_decode_only
 
@@ -473,17 +474,19 @@ def test_real_and_simulated_engines_record_the_same_work_for_the_same_schedule()
     for engine in ("torch", "sim"):
         extra = dict(engine="sim", cost_model=profile, sim_fast_forward=False)
         llm = LLM("llama-tiny", **config, **(extra if engine == "sim" else dict(device="cpu")))
-        seen: list[tuple[float, int]] = []
+        seen: list[tuple[float, int, int]] = []
         step_work = llm.model_engine.step_work
 
         def recording(batch, step_work=step_work, seen=seen):
-            seen.append((batch.context_attention, batch.decode_kv_tokens))  # the slow count
+            # the slow count, over the requests
+            seen.append((batch.context_attention, batch.decode_kv_tokens, batch.max_decode_kv))
             return step_work(batch)
 
         llm.model_engine.step_work = recording
         llm.generate(prompts, params)
         stats = llm.executor.iteration_stats
-        rows[engine] = [(s.context_attention, s.decode_kv_tokens) for s in stats]
+        rows[engine] = [(s.context_attention, s.decode_kv_tokens, s.max_decode_kv) for s in stats]
         assert rows[engine] == seen
     assert rows["torch"] == rows["sim"]
-    assert any(a > 0 for a, _ in rows["sim"]) and any(kv > 0 for _, kv in rows["sim"])
+    assert any(a > 0 for a, _, _ in rows["sim"]) and any(kv > 0 for _, kv, _ in rows["sim"])
+    assert any(0 < longest < kv for _, kv, longest in rows["sim"])  # several decodes

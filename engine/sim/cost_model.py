@@ -11,6 +11,9 @@ A step's time depends on the batch only through a few counts, ``StepFeatures``::
                          the causal query-key pairs of the chunk (attention FLOPs)
     num_decode_seqs      decodes              GEMM rows at small M (weights read once a step)
     decode_kv_tokens     sum of KV lengths    KV bytes read by decode attention
+    max_decode_kv        longest KV length    the tail of decode attention: one program walks
+                                              one sequence, so with ragged lengths the longest
+                                              sets the kernel's time
     num_context_seqs     contexts             per-sequence overheads
 
 Two models, one interface (``CostModel.predict``):
@@ -54,6 +57,7 @@ class StepFeatures:
     context_attention: float = 0.0
     num_decode_seqs: int = 0
     decode_kv_tokens: int = 0
+    max_decode_kv: int = 0
 
     @classmethod
     def of(cls, batch: SchedulerOutput) -> StepFeatures:
@@ -64,6 +68,7 @@ class StepFeatures:
             context_attention=batch.context_attention,
             num_decode_seqs=len(batch.generation_requests),
             decode_kv_tokens=batch.decode_kv_tokens,
+            max_decode_kv=batch.max_decode_kv,
         )
 
     @property
@@ -121,7 +126,7 @@ class RooflineCostModel(CostModel):
 
 
 STEP_KINDS = ("decode", "prefill", "mixed")  # StepFeatures.kind
-DECODE_TERMS = ("intercept", "num_decode_seqs", "decode_kv_tokens")
+DECODE_TERMS = ("intercept", "num_decode_seqs", "decode_kv_tokens", "max_decode_kv")
 PREFILL_TERMS = ("intercept", "num_context_tokens", "context_attention", "num_context_seqs")
 MIXED_TERMS = (
     "intercept",
@@ -130,6 +135,7 @@ MIXED_TERMS = (
     "num_context_seqs",
     "num_decode_seqs",
     "decode_kv_tokens",
+    "max_decode_kv",
 )
 
 

@@ -33,8 +33,9 @@ class SimModelEngine(ModelEngine):
         self.last_step_seconds = 0.0
         self._features = StepFeatures()
 
-    def step_work(self, batch: SchedulerOutput) -> tuple[float, int]:
-        return self._features.context_attention, self._features.decode_kv_tokens
+    def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
+        features = self._features
+        return features.context_attention, features.decode_kv_tokens, features.max_decode_kv
 
     def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> None:
         self._features = features = StepFeatures.of(batch)

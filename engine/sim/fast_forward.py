@@ -76,6 +76,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
 
     num_seqs = len(requests)
     kv_tokens = sum(r.num_tokens for r in requests)
+    max_kv = max(r.num_tokens for r in requests)  # each request grows by one token a step
     predict = executor.model_engine.cost_model.predict
     pending_times: list[float] = []  # token times not yet applied to the requests
     # Rows since the KV stats last changed, written to the log in one go (all their other
@@ -84,6 +85,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
     row_times: list[float] = []
     row_latencies: list[float] = []
     row_kv_tokens: list[int] = []
+    row_max_kv: list[int] = []
     stats = kv.get_kv_cache_stats()
 
     def apply_tokens() -> None:
@@ -107,6 +109,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
                 "time": row_times,
                 "step_latency": row_latencies,
                 "decode_kv_tokens": row_kv_tokens,
+                "max_decode_kv": row_max_kv,
             },
             {
                 "scheduling_time": 0.0,
@@ -135,6 +138,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
         row_times.clear()
         row_latencies.clear()
         row_kv_tokens.clear()
+        row_max_kv.clear()
 
     done = 0
     while done < max_steps:
@@ -148,7 +152,9 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
             apply_tokens()
             executor.resource_manager.prepare_resources(batch)
             num_free -= new_blocks[done]
-        seconds = predict(StepFeatures(num_decode_seqs=num_seqs, decode_kv_tokens=kv_tokens))
+        seconds = predict(
+            StepFeatures(num_decode_seqs=num_seqs, decode_kv_tokens=kv_tokens, max_decode_kv=max_kv)
+        )
         if not seconds > 0:
             raise ValueError(f"the cost model predicted {seconds} s for a decode step")
         clock.advance(seconds)
@@ -160,7 +166,9 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
             write_rows()  # the rows before this one saw the stats before this step
             stats = kv.get_kv_cache_stats()
         row_kv_tokens.append(kv_tokens)
+        row_max_kv.append(max_kv)
         kv_tokens += num_seqs
+        max_kv += 1
         row_iterations.append(executor._num_iterations)
         row_times.append(start)
         row_latencies.append(now - start)

@@ -35,6 +35,9 @@ from typing import Any
 from engine.sim.cost_model import STEP_KINDS, LinearCostModel, StepFeatures
 
 FORMAT_VERSION = 1
+# Features a row may lack (profiles and runs made before they were recorded), with the value
+# they take then: a term that is 0 in every sample gets no coefficient (cost_model).
+OPTIONAL_FEATURES = {"max_decode_kv": 0}
 SERVING = "serving"  # the kind of the steps taken from real serving runs
 MIN_SERVING_STEPS = 30  # of one kind, for the fit of that kind to use serving steps only
 _FEATURES = tuple(f.name for f in fields(StepFeatures))
@@ -56,7 +59,10 @@ class Profile:
 
     def samples(self) -> list[tuple[StepFeatures, float]]:
         return [
-            (StepFeatures(**{k: row[k] for k in _FEATURES}), float(row["seconds"]))
+            (
+                StepFeatures(**{k: row.get(k, OPTIONAL_FEATURES.get(k)) for k in _FEATURES}),
+                float(row["seconds"]),
+            )
             for row in self.steps
         ]
 
@@ -111,7 +117,9 @@ class Profile:
             if key not in data:
                 raise ValueError(f"{path}: missing field {key!r}")
         for i, row in enumerate(data["steps"]):
-            missing = [k for k in (*_FEATURES, "seconds") if k not in row]
+            missing = [
+                k for k in (*_FEATURES, "seconds") if k not in row and k not in OPTIONAL_FEATURES
+            ]
             if missing:
                 raise ValueError(f"{path}: steps[{i}] has no {', '.join(missing)}")
             if not row["seconds"] > 0:
