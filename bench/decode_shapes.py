@@ -24,17 +24,13 @@ import argparse
 import json
 import random
 import statistics
-import time
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from bench.decode_steps import build_llm, synchronize
-from engine import SamplingParams
+from bench.decode_steps import TIMED_STEPS, WARMUP_STEPS, build_llm, start_decoding, timed_steps
 
-WARMUP_STEPS = 3
-TIMED_STEPS = 20
 SUSTAINED_STEPS = 400
 
 
@@ -64,26 +60,9 @@ def decode_step_ms(llm, lengths: list[int], skip_steps: int = 0) -> float:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, vocab - 10, (n - 1,), generator=g).tolist() for n in lengths]
     new_tokens = WARMUP_STEPS + skip_steps + TIMED_STEPS + 48
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    requests = llm.make_requests(prompts, params)
-    executor.enqueue_requests(requests)
-    while not all(r.is_generation for r in requests):
-        executor.step()
-        done = [r for r in requests if r.is_finished]
-        if done:  # else this loop would never end
-            raise SystemExit(
-                f"{len(lengths)} requests of up to {max(lengths)} tokens cannot decode together: "
-                + (done[0].rejection_reason or "the KV pool is too small")
-            )
-    for _ in range(WARMUP_STEPS + skip_steps):
-        executor.step()
-    seconds = []
-    for _ in range(TIMED_STEPS):
-        synchronize(str(llm.device))
-        start = time.perf_counter()
-        executor.step()
-        synchronize(str(llm.device))
-        seconds.append(time.perf_counter() - start)
+    label = f"{len(lengths)} requests of up to {max(lengths)} tokens"
+    start_decoding(llm, prompts, new_tokens, label)
+    seconds = timed_steps(llm, warmup=WARMUP_STEPS + skip_steps)
     timed = executor.iteration_stats[-TIMED_STEPS:]
     assert all(s.num_generation_requests == len(lengths) for s in timed)
     executor.run()

@@ -76,6 +76,39 @@ def build_llm(
     )
 
 
+def start_decoding(llm: LLM, prompts: list[list[int]], max_new_tokens: int, label: str) -> list:
+    """Admit ``prompts`` and step until every one of them is decoding (the requests)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    requests = llm.make_requests(prompts, params)
+    llm.executor.enqueue_requests(requests)
+    while not all(r.is_generation for r in requests):
+        llm.executor.step()
+        done = [r for r in requests if r.is_finished]
+        if done:  # else this loop would never end
+            reason = done[0].rejection_reason
+            raise SystemExit(
+                f"{label} cannot decode together: "
+                + (reason or f"the KV pool ({llm.kv_cache_manager.num_blocks} blocks) is too small")
+            )
+    return requests
+
+
+def timed_steps(llm: LLM, warmup: int = WARMUP_STEPS, num_steps: int = TIMED_STEPS) -> list[float]:
+    """Seconds of each of ``num_steps`` steps after ``warmup`` untimed ones, each synchronised
+    on both sides."""
+    device = str(llm.device)
+    for _ in range(warmup):
+        llm.executor.step()
+    seconds = []
+    for _ in range(num_steps):
+        synchronize(device)
+        start = time.perf_counter()
+        llm.executor.step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def decode_table(
     llm: LLM,
     preset: str,
@@ -86,7 +119,6 @@ def decode_table(
 ) -> list[dict]:
     """Median decode step of each batch size on ``llm`` (its pool must hold
     ``max(batch_sizes) * (context + 80)`` tokens)."""
-    device = str(llm.device)
     model = llm.model_engine.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
     kv_bytes_per_token = (
@@ -98,29 +130,9 @@ def decode_table(
     for batch in batch_sizes:
         prompts = torch.randint(10, model.vocab_size - 10, (batch, context - 1), generator=g)
         # Margin: requests that finish prefill early decode while the rest still prefill.
-        params = SamplingParams(max_new_tokens=WARMUP_STEPS + TIMED_STEPS + 48, ignore_eos=True)
-        requests = llm.make_requests(prompts.tolist(), params)
-        executor.enqueue_requests(requests)
-        while not all(r.is_generation for r in requests):
-            executor.step()
-            done = [r for r in requests if r.is_finished]
-            if done:  # else this loop would never end
-                raise SystemExit(
-                    f"{preset}: {batch} requests of context {context} cannot decode together: "
-                    + (
-                        done[0].rejection_reason
-                        or f"the KV pool ({llm.kv_cache_manager.num_blocks} blocks) is too small"
-                    )
-                )
-        for _ in range(WARMUP_STEPS):
-            executor.step()
-        seconds = []
-        for _ in range(TIMED_STEPS):
-            synchronize(device)
-            start = time.perf_counter()
-            executor.step()
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
+        label = f"{preset}: {batch} requests of context {context}"
+        start_decoding(llm, prompts.tolist(), WARMUP_STEPS + TIMED_STEPS + 48, label)
+        seconds = timed_steps(llm)
         stats = executor.iteration_stats[-TIMED_STEPS:]
         if profile_path and batch == max(batch_sizes):  # where the host time of a step goes
             profiler = cProfile.Profile()

@@ -57,6 +57,12 @@ def capture_graph(run: Callable[[], Any], pool: Any = None) -> tuple[torch.cuda.
     return graph, result
 
 
+def check_capture_device(device: torch.device) -> None:
+    """Graph capture needs the model on a CUDA device (CPU runs use ``capture=False``)."""
+    if device.type != "cuda":
+        raise ValueError("CUDA graphs need a CUDA device; this model is on " + str(device))
+
+
 def default_cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, 16, 32, then every 16 up to ``max_batch_size`` (always included): at most
     16 padding rows above 32, and about 20 graphs for a batch of 256."""
@@ -88,8 +94,8 @@ class DecodeGraphRunner:
         if max_blocks_per_seq < 1:
             raise ValueError(f"max_blocks_per_seq must be >= 1, got {max_blocks_per_seq}")
         device = kv_pool.device
-        if capture and device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device; this model is on " + str(device))
+        if capture:
+            check_capture_device(device)
         if capture and model.attention_backend != "triton":
             raise ValueError(
                 f"attention_backend={model.attention_backend!r} cannot run in CUDA graphs (the "

@@ -135,7 +135,7 @@ class PyExecutor:
 
         forward_start = time.perf_counter()
         finished: list[Request] = []
-        work = (0.0, 0, 0)  # (context_attention, decode_kv_tokens, max_decode_kv): the row's
+        work = (0.0, 0, 0)  # the row's (context_attention, decode_kv_tokens, max_decode_kv)
         enqueue_time = 0.0
         if batch.is_empty:
             finished = self._resolve_stall(start)
@@ -233,7 +233,7 @@ class PyExecutor:
         num_rejected: int,
         num_active: int,
         num_completed: int,
-        work: tuple[float, int],
+        work: tuple[float, int, int],
         enqueue_time: float,
     ) -> IterationStats:
         kv = self.kv_cache_manager.get_kv_cache_stats()

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.cuda_graphs import capture_graph
+from engine.cuda_graphs import capture_graph, check_capture_device
 from engine.model_engine import ForwardBatch, HostBatch, StagingBuffer
 
 
@@ -59,8 +59,8 @@ class PiecewiseGraphRunner:
         if model.attention_backend != "triton":
             raise ValueError("piecewise CUDA graphs need the triton attention backend")
         device = kv_pool.device
-        if capture and device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device; this model is on " + str(device))
+        if capture:
+            check_capture_device(device)
         self.model = model
         self.kv_pool = kv_pool
         self.token_sizes = sizes

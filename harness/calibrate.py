@@ -115,36 +115,37 @@ def sample_steps(steps: pd.DataFrame, max_steps: int) -> pd.DataFrame:
     return steps.loc[sorted(keep)]
 
 
-def calibrate(profile: Profile, paths: list[str | Path], max_steps: int = 1000) -> Profile:
-    """``profile`` with the serving steps of every run under ``paths`` (see the module doc)."""
+def calibrate(
+    profile: Profile, runs: list[RunResult], max_steps: int = 1000
+) -> tuple[Profile, pd.DataFrame]:
+    """``profile`` with the serving steps of ``runs`` (see the module doc), and every one of
+    those steps (``serving_steps``, all runs)."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    for path in paths:
-        for run in runs_under(path):
-            check_real_run(run, profile)
-            steps = serving_steps(run, profile.model)
-            if steps.empty:
-                raise ValueError(f"{run.path}: no step ran a batch")
-            rows = sample_steps(steps, max_steps).drop(columns="kind").to_dict("records")
-            source = {
-                "run": str(run.path),
-                "variant": run.info.get("variant"),
-                "workload": run.info.get("workload"),
-                "hardware": run.info.get("hardware"),
-                "num_steps": len(steps),
-                "num_used": len(rows),
-            }
-            profile = profile.with_serving_steps(rows, source)
-    return profile
+    tables = []
+    for run in runs:
+        check_real_run(run, profile)
+        steps = serving_steps(run, profile.model)
+        if steps.empty:
+            raise ValueError(f"{run.path}: no step ran a batch")
+        tables.append(steps)
+        rows = sample_steps(steps, max_steps).drop(columns="kind").to_dict("records")
+        source = {
+            "run": str(run.path),
+            "variant": run.info.get("variant"),
+            "workload": run.info.get("workload"),
+            "hardware": run.info.get("hardware"),
+            "num_steps": len(steps),
+            "num_used": len(rows),
+        }
+        profile = profile.with_serving_steps(rows, source)
+    return profile, pd.concat(tables, ignore_index=True)
 
 
-def bias_table(before: Profile, after: Profile, paths: list[str | Path]) -> pd.DataFrame:
-    """Per kind of step of the runs under ``paths``: steps, measured seconds, and each
+def bias_table(before: Profile, after: Profile, steps: pd.DataFrame) -> pd.DataFrame:
+    """Per kind of ``steps`` (``serving_steps`` rows): how many, measured seconds, and each
     profile's predicted total against it."""
-    steps = pd.concat(
-        [serving_steps(run, before.model) for path in paths for run in runs_under(path)],
-        ignore_index=True,
-    )
+    steps = steps.copy()
     batch = features(steps)
     rows = []
     for name, profile in (("before", before), ("after", after)):
@@ -179,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         profile = Profile.load(args.profile)
-        calibrated = calibrate(profile, args.real, args.max_steps)
-        table = bias_table(profile, calibrated, args.real)
+        runs = [run for path in args.real for run in runs_under(path)]  # each read once
+        calibrated, steps = calibrate(profile, runs, args.max_steps)
+        table = bias_table(profile, calibrated, steps)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

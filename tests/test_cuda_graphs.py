@@ -149,16 +149,33 @@ def test_padding_rows_leave_real_rows_and_the_pool_untouched(backend):
     kv.prepare_resources(batch)
     inputs = build_forward_batch(batch, kv, torch.device(DEVICE))
     model = llm.model_engine.model
-    pool_before = kv.kv_pool.clone()
-    expected = model.forward(inputs, kv.kv_pool)
-    pool_after_real = kv.kv_pool.clone()
-    kv.kv_pool.copy_(pool_before)
+    expected, pool_after_real = eager_reference(model, inputs, kv.kv_pool)
 
     bucket = runner.load(flatten_batch(batch, kv))
     padded = runner.replay(bucket, kv.kv_pool)
     assert bucket == 8 and padded.shape[0] == 8
     torch.testing.assert_close(padded[:2], expected, rtol=1e-5, atol=1e-5)
     assert_only_slots_written(kv.kv_pool, pool_after_real, inputs.slot_mapping)
+
+
+def forward_without_sync(llm, batch: SchedulerOutput) -> torch.Tensor:
+    """``model_engine.forward`` of a prepared batch, failing on any host synchronisation."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return llm.model_engine.forward(batch, llm.kv_cache_manager)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def eager_reference(model, inputs, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager forward's logits and the pool it leaves behind; ``pool`` is put back as it
+    was, for the path under test to write it again."""
+    before = pool.clone()
+    expected = model.forward(inputs, pool)
+    after = pool.clone()
+    pool.copy_(before)
+    return expected, after
 
 
 def assert_only_slots_written(pool: torch.Tensor, reference: torch.Tensor, slots: torch.Tensor):
@@ -250,12 +267,7 @@ def test_a_step_does_not_synchronise_the_host(eager):
     kv = llm.kv_cache_manager
     decode = SchedulerOutput(generation_requests=requests)
     kv.prepare_resources(decode)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        logits = llm.model_engine.forward(decode, kv)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    logits = forward_without_sync(llm, decode)
     assert logits.shape[0] == 3
     assert llm.model_engine.num_graph_steps == (0 if eager else 1)
 

@@ -15,7 +15,11 @@ from engine import LLM, SamplingParams
 from engine.model_engine import build_forward_batch, flatten_batch
 from engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_token_sizes
 from engine.scheduler import SchedulerOutput
-from tests.test_cuda_graphs import assert_only_slots_written
+from tests.test_cuda_graphs import (
+    assert_only_slots_written,
+    eager_reference,
+    forward_without_sync,
+)
 
 IS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if IS_CUDA else "cpu"
@@ -113,10 +117,7 @@ def test_a_padded_mixed_step_equals_the_eager_one_and_writes_only_its_slots(pres
     kv.prepare_resources(batch)
     inputs = build_forward_batch(batch, kv, torch.device(DEVICE))
     model = llm.model_engine.model
-    before = kv.kv_pool.clone()
-    expected = model.forward(inputs, kv.kv_pool)
-    eager_pool = kv.kv_pool.clone()
-    kv.kv_pool.copy_(before)
+    expected, eager_pool = eager_reference(model, inputs, kv.kv_pool)
 
     host = flatten_batch(batch, kv)
     assert host.num_tokens == 7 and runner.can_run(host)
@@ -205,12 +206,7 @@ def test_a_piecewise_step_does_not_synchronise_the_host():
     kv.prepare_resources(batch)
     runner = llm.model_engine.piecewise_runner
     before = runner.num_steps
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        logits = llm.model_engine.forward(batch, kv)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    logits = forward_without_sync(llm, batch)
     assert logits.shape[0] == 3 and runner.num_steps == before + 1
 
 

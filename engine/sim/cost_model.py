@@ -62,13 +62,16 @@ class StepFeatures:
     @classmethod
     def of(cls, batch: SchedulerOutput) -> StepFeatures:
         """Features of a scheduled batch, after ``prepare_resources`` (prefix hits counted)."""
+        # One pass over the decodes for both KV counts (SchedulerOutput.decode_kv_tokens and
+        # .max_decode_kv): this runs every simulated step.
+        lengths = [r.num_tokens for r in batch.generation_requests]
         return cls(
             num_context_seqs=len(batch.context_requests),
             num_context_tokens=batch.num_context_tokens,
             context_attention=batch.context_attention,
             num_decode_seqs=len(batch.generation_requests),
-            decode_kv_tokens=batch.decode_kv_tokens,
-            max_decode_kv=batch.max_decode_kv,
+            decode_kv_tokens=sum(lengths),
+            max_decode_kv=max(lengths, default=0),
         )
 
     @property
