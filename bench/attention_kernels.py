@@ -10,6 +10,10 @@
 2. ``--sweep``: (block_m, block_n, num_warps, num_stages) for one prefill shape, best first.
 3. Decode: ``paged_decode_attention`` for batches 1, 64, 256 at context 1024; bandwidth = bytes
    of K and V read (B * 1024 * Hkv * D * 2 * 2) / time.
+4. ``--decode-sweep``: (block_n, num_warps, num_stages, num_splits) of the decode kernel at
+   batch 64 and 256, context 1024, and at batch 64 with ragged lengths (64..1984, mean 1024),
+   best first; ``--decode-sweep-out FILE`` writes the best (block_n, num_warps, num_stages) of
+   the llama-8b batch-64 case as ``B,W,S`` (for ``SCHEDLAB_DECODE_CONFIG``).
 Times are medians of ``triton.testing.do_bench``. Prints markdown tables; --out writes them too.
 """
 
@@ -35,6 +39,12 @@ MODELS = {"llama-8b": (32, 8, 128), "llama-1b": (32, 8, 64)}
 PREFILL_BATCHES = [(1, 2048), (4, 2048), (8, 1024), (16, 512)]  # (sequences, tokens each)
 DECODE_BATCHES = [1, 64, 256]
 DECODE_CONTEXT = 1024
+DECODE_SWEEP = {
+    "block_n": [32, 64, 128],
+    "num_warps": [4, 8],
+    "num_stages": [1, 2, 3],
+    "num_splits": [1, 2],
+}
 TOKENS_PER_BLOCK = 32
 SWEEP = {
     "block_m": [64, 128],
@@ -132,20 +142,62 @@ def bench_sweep(model, batch, seq_len):
     return title + table_md([*SWEEP, "ms", "TFLOP/s", "max |diff| vs default"], shown)
 
 
+def decode_case(model, batch, ragged=False):
+    """(query, pool, block table, seq_lens, scale, K/V bytes read) of a decode batch at
+    ``DECODE_CONTEXT``; ``ragged``: lengths spread evenly over 64 .. 2 * context - 64."""
+    num_heads, num_kv_heads, head_dim = MODELS[model]
+    gen, dev, dt = torch.Generator(DEVICE).manual_seed(1), DEVICE, DTYPE
+    longest = 2 * DECODE_CONTEXT if ragged else DECODE_CONTEXT
+    shape = (2, batch, longest, num_kv_heads, head_dim)
+    k, v = torch.randn(shape, generator=gen, device=dev, dtype=dt)
+    pool, table = paged_pool(k, v, gen)
+    del k, v
+    query = torch.randn((batch, num_heads, head_dim), generator=gen, device=dev, dtype=dt)
+    if ragged:
+        lengths = torch.linspace(64, longest - 64, batch, device=dev).round().long()
+        seq_lens = lengths[torch.randperm(batch, generator=gen, device=dev)]
+    else:
+        seq_lens = torch.full((batch,), DECODE_CONTEXT, device=dev)
+    kv_bytes = int(seq_lens.sum()) * num_kv_heads * head_dim * 2 * 2
+    return query, pool, table, seq_lens, head_dim**-0.5, kv_bytes
+
+
+def bench_decode_sweep(out: Path | None = None):
+    sections, best_8b = [], None
+    cases = [(64, False), (256, False), (64, True)]
+    for model, (batch, ragged) in itertools.product(MODELS, cases):
+        query, pool, table, seq_lens, scale, kv_bytes = decode_case(model, batch, ragged)
+        expected = paged_decode_attention(query, pool, table, seq_lens, scale)  # defaults
+        default_us = time_ms(partial(paged_decode_attention, query, pool, table, seq_lens, scale))
+        rows = []
+        for cfg in itertools.product(*DECODE_SWEEP.values()):
+            kw = dict(zip(DECODE_SWEEP, cfg, strict=True))
+            call = partial(paged_decode_attention, query, pool, table, seq_lens, scale, **kw)
+            try:
+                diff = (call() - expected).abs().max().item()
+                ms = time_ms(call)
+            except Exception as exc:  # e.g. triton OutOfResources: too much shared memory
+                print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            rows.append([*cfg, ms, kv_bytes / ms / 1e6, diff])
+        rows.sort(key=lambda r: r[4])
+        if model == "llama-8b" and batch == 64 and not ragged and rows:
+            best_8b = rows[0][:3]
+        shape = f"{model} batch {batch}" + (" ragged" if ragged else "")
+        title = f"## Decode sweep: {shape} (default {default_us * 1e3:.1f} us)\n\n"
+        shown = [[*r[:4], f"{r[4] * 1e3:.1f}", f"{r[5]:.0f}", f"{r[6]:.1e}"] for r in rows[:8]]
+        header = [*DECODE_SWEEP, "us", "GB/s", "max |diff| vs default"]
+        sections.append(title + table_md(header, shown))
+    if out is not None and best_8b is not None:
+        out.write_text(",".join(map(str, best_8b)) + "\n")
+    return "\n\n".join(sections)
+
+
 def bench_decode():
     rows = []
     for model, batch in itertools.product(MODELS, DECODE_BATCHES):
-        num_heads, num_kv_heads, head_dim = MODELS[model]
-        gen, dev, dt = torch.Generator(DEVICE).manual_seed(1), DEVICE, DTYPE
-        shape = (2, batch, DECODE_CONTEXT, num_kv_heads, head_dim)
-        k, v = torch.randn(shape, generator=gen, device=dev, dtype=dt)
-        pool, table = paged_pool(k, v, gen)
-        del k, v
-        query = torch.randn((batch, num_heads, head_dim), generator=gen, device=dev, dtype=dt)
-        seq_lens = torch.full((batch,), DECODE_CONTEXT, device=dev)
-        scale = head_dim**-0.5
+        query, pool, table, seq_lens, scale, kv_bytes = decode_case(model, batch)
         ms = time_ms(partial(paged_decode_attention, query, pool, table, seq_lens, scale))
-        kv_bytes = batch * DECODE_CONTEXT * num_kv_heads * head_dim * 2 * 2
         rows.append([model, batch, f"{ms * 1e3:.1f}", f"{kv_bytes / 1e6:.1f}"])
         rows[-1].append(f"{kv_bytes / ms / 1e6:.0f}")
     header = ["model", "batch", "us", "K/V MB", "GB/s"]
@@ -166,6 +218,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="sweep prefill tile configs")
     parser.add_argument("--sweep-model", choices=list(MODELS), default="llama-8b")
     parser.add_argument("--sweep-batch", type=seqs_x_tokens, default="4x2048", help="SEQSxTOKENS")
+    parser.add_argument("--decode-sweep", action="store_true", help="sweep decode configs")
+    parser.add_argument("--decode-sweep-out", type=Path, help="write the best 8b config here")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     parser.add_argument("--out", type=Path, help="also write the tables here (markdown)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -177,7 +232,10 @@ def main(argv=None) -> int:
     sections = [
         f"# Attention kernels on {name} (torch {torch.__version__}, triton {triton.__version__})"
     ]
-    sections.append(bench_prefill())
+    if not args.no_prefill:
+        sections.append(bench_prefill())
+    if args.decode_sweep:
+        sections.append(bench_decode_sweep(args.decode_sweep_out))
     if args.sweep:
         sections.append(bench_sweep(args.sweep_model, *args.sweep_batch))
     sections.append(bench_decode())

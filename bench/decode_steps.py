@@ -57,6 +57,7 @@ def build_llm(
     context: int,
     enforce_eager: bool = False,
     piecewise: bool | None = None,
+    overlap: bool = False,
 ) -> LLM:
     return LLM(
         preset,
@@ -73,6 +74,7 @@ def build_llm(
         ),
         enforce_eager=enforce_eager,
         piecewise_cuda_graphs=piecewise,
+        overlap_scheduler=overlap,
     )
 
 
@@ -95,18 +97,60 @@ def start_decoding(llm: LLM, prompts: list[list[int]], max_new_tokens: int, labe
 
 def timed_steps(llm: LLM, warmup: int = WARMUP_STEPS, num_steps: int = TIMED_STEPS) -> list[float]:
     """Seconds of each of ``num_steps`` steps after ``warmup`` untimed ones, each synchronised
-    on both sides."""
+    on both sides. With overlap scheduling a step() call queues one step and waits for the one
+    before it, so syncing around each call would serialise what it overlaps: the device is
+    synchronised once before, and each step's time is the interval between its call's end and
+    the previous one's (in steady state, one device step)."""
     device = str(llm.device)
     for _ in range(warmup):
         llm.executor.step()
     seconds = []
+    synchronize(device)
+    last = time.perf_counter()
     for _ in range(num_steps):
-        synchronize(device)
-        start = time.perf_counter()
+        if not llm.executor.overlap:
+            synchronize(device)
+            last = time.perf_counter()
         llm.executor.step()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        if not llm.executor.overlap:
+            synchronize(device)
+        now = time.perf_counter()
+        seconds.append(now - last)
+        last = now
     return seconds
+
+
+def gpu_idle_share(llm: LLM, num_steps: int = 16) -> float | None:
+    """Share of ``num_steps`` steps' span (GPU clock) in which the GPU waits for the host between
+    one step's last kernel and the next one's first: events recorded around each step's
+    forward and sampling. What overlap scheduling hides; None off CUDA."""
+    if llm.device.type != "cuda":
+        return None
+    engine, decoder = llm.model_engine, llm.executor.decoder
+    forward, sample = engine.forward, decoder.sample
+    marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed_forward(*args, **kwargs):
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        marks.append((begin, torch.cuda.Event(enable_timing=True)))
+        return forward(*args, **kwargs)
+
+    def timed_sample(*args, **kwargs):
+        tokens = sample(*args, **kwargs)
+        marks[-1][1].record()
+        return tokens
+
+    engine.forward, decoder.sample = timed_forward, timed_sample
+    try:
+        for _ in range(num_steps):
+            llm.executor.step()
+    finally:
+        del engine.forward, decoder.sample  # back to the class's methods
+    torch.cuda.synchronize()
+    gaps = sum(marks[i - 1][1].elapsed_time(marks[i][0]) for i in range(1, len(marks)))
+    span = marks[0][0].elapsed_time(marks[-1][1])
+    return gaps / span
 
 
 def decode_table(
@@ -134,6 +178,7 @@ def decode_table(
         start_decoding(llm, prompts.tolist(), WARMUP_STEPS + TIMED_STEPS + 48, label)
         seconds = timed_steps(llm)
         stats = executor.iteration_stats[-TIMED_STEPS:]
+        idle = gpu_idle_share(llm)
         if profile_path and batch == max(batch_sizes):  # where the host time of a step goes
             profiler = cProfile.Profile()
             profiler.runcall(lambda: [executor.step() for _ in range(5)])
@@ -149,6 +194,7 @@ def decode_table(
             {
                 "preset": preset,
                 "graphs": llm.model_engine.graph_runner is not None,
+                "overlap": llm.executor.overlap,
                 "batch": batch,
                 "step_ms": round(step * 1e3, 2),
                 "floor_ms": round(floor * 1e3, 2),
@@ -156,6 +202,7 @@ def decode_table(
                 "sched_ms": round(sched * 1e3, 3),
                 "input_prep_ms": round(prep * 1e3, 3),
                 "host_share": round((sched + prep) / step, 3),
+                "gpu_idle_share": None if idle is None else round(idle, 3),
             }
         )
         print(rows[-1], flush=True)
@@ -170,6 +217,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--context", type=int, default=CONTEXT)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--overlap", action="store_true", help="overlap scheduling")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)  # results go under it
     bandwidth = copy_bandwidth(args.device)
@@ -178,8 +226,9 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         batches = [int(b) for b in args.batches.split(",")]
-        llm = build_llm(preset, args.device, args.context, args.enforce_eager)
+        llm = build_llm(preset, args.device, args.context, args.enforce_eager, overlap=args.overlap)
         rows += decode_table(llm, preset, batches, bandwidth, args.context)
+        llm.release_gpu_memory()
         del llm
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -190,12 +239,13 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\npreset     batch  step ms  floor ms  ratio  sched ms  input ms  host share")
+    print("\npreset     batch  step ms  floor ms  ratio  sched ms  input ms  host share  gpu idle")
     for r in rows:
+        idle = r.get("gpu_idle_share")
         print(
             f"{r['preset']:9s} {r['batch']:6d} {r['step_ms']:8.2f} {r['floor_ms']:9.2f} "
             f"{r['ratio']:6.2f} {r['sched_ms']:9.3f} {r['input_prep_ms']:9.3f} "
-            f"{r['host_share']:10.3f}"
+            f"{r['host_share']:10.3f} {'-' if idle is None else f'{idle:9.3f}'}"
         )
 
 

@@ -149,6 +149,7 @@ def run_preset(preset: str, args, bandwidth: float, flops: float) -> tuple[dict,
         ),
         enforce_eager=args.enforce_eager,
         piecewise_cuda_graphs=args.piecewise,
+        overlap_scheduler=args.overlap,
     )
     if is_cuda:  # the run's own peak, past start-up (profile run, graphs)
         torch.cuda.reset_peak_memory_stats()
@@ -202,6 +203,7 @@ def run_preset(preset: str, args, bandwidth: float, flops: float) -> tuple[dict,
         "device": torch.cuda.get_device_name() if is_cuda else "cpu",
         "cuda_graphs": not args.enforce_eager and is_cuda,
         "piecewise_cuda_graphs": is_piecewise,
+        "overlap_scheduler": args.overlap,
         "prompt_tokens": sum(map(len, prompts)),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "output_tok_s": {k: round(num_out / v, 1) for k, v in seconds.items()},
@@ -284,6 +286,9 @@ def main() -> None:
         "--piecewise",
         action=argparse.BooleanOptionalAction,
         help="steps with prompt tokens as piecewise CUDA graphs (default: where they can run)",
+    )
+    parser.add_argument(
+        "--overlap", action="store_true", help="overlap scheduling (schedule n+1 while n runs)"
     )
     parser.add_argument("--decode-batches", default="1,8,32,64,128,256", help="'' to skip")
     parser.add_argument("--context", type=int, default=1024, help="decode-step context")

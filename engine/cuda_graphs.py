@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from engine.model_engine import ForwardBatch, HostBatch, StagingBuffer
+from engine.model_engine import ForwardBatch, HostBatch, StagingBuffer, fill_pending_tokens
 
 
 def capture_graph(run: Callable[[], Any], pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:
@@ -138,8 +138,10 @@ class DecodeGraphRunner:
             and host.max_blocks <= self.max_blocks_per_seq
         )
 
-    def load(self, host: HostBatch) -> int:
+    def load(self, host: HostBatch, pending_tokens: torch.Tensor | None = None) -> int:
         """Write a decode-only batch into the static buffers, padded; returns its bucket.
+        ``pending_tokens``: the previous step's tokens, for input ids still pending on the
+        device (``fill_pending_tokens``).
 
         Only the block-table rows that differ from what the table already holds are sent:
         from one decode step to the next the batch is mostly the same sequences in the same
@@ -168,6 +170,8 @@ class DecodeGraphRunner:
         self.last_num_rows_sent = len(changed)
         staged = self._staging.send(values)
         self._vectors[:, :bucket].copy_(staged[: 4 * bucket].view(4, bucket))
+        if pending_tokens is not None:
+            fill_pending_tokens(self._vectors[0, :num_seqs], pending_tokens)
         if changed:
             num_changed = len(changed)
             rows = staged[4 * bucket + num_changed :].view(num_changed, width)

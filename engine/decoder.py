@@ -18,14 +18,17 @@ class Decoder:
         self._generators: dict[int, torch.Generator] = {}
 
     def decode(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """``logits`` [len(requests), vocab] -> one token id per request."""
+        """``logits`` [len(requests), vocab] -> one token id per request (waits for them)."""
+        return self.sample(requests, logits).tolist()
+
+    def sample(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [len(requests), vocab] -> token ids [len(requests)] int64 on the logits'
+        device, without waiting for the device: the overlap scheduler reads them a step later."""
         if logits.shape[0] != len(requests):
             raise ValueError(
                 f"decoder got {logits.shape[0]} logits rows for {len(requests)} requests"
             )
-        if not requests:
-            return []
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1)
         for i, request in enumerate(requests):
             if not request.sampling_params.is_greedy:
                 tokens[i] = self._sample(request, logits[i])
@@ -45,7 +48,7 @@ class Decoder:
             self._generators[id(request)] = generator
         return generator
 
-    def _sample(self, request: Request, logits: torch.Tensor) -> int:
+    def _sample(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
         params = request.sampling_params
         scores = logits.float() / params.temperature
         if 0 < params.top_k < scores.shape[-1]:
@@ -58,4 +61,4 @@ class Decoder:
             drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p
             scores = scores.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator(request, probs.device)))
+        return torch.multinomial(probs, 1, generator=self._generator(request, probs.device))[0]

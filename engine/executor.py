@@ -6,6 +6,20 @@ One ``step()``::
       ->  pause the preempted  ->  prepare resources  ->  forward  ->  decode
       ->  advance counters, append tokens, finish  ->  update resources, free the finished
       ->  record one IterationStats row
+
+Overlap scheduling (``overlap=True``; TensorRT-LLM's overlap scheduler, vLLM's async
+scheduling): the host schedules and prepares step n+1 while the device still runs step n, and
+reads step n's tokens only after step n+1 is queued::
+
+    host    | schedule n+1 | prepare n+1 | launch n+1 | read n, finish n | schedule n+2 | ...
+    device  | ......... step n ......... | ............. step n+1 ............. |
+
+Step n+1 is scheduled from counts alone: each request sampled in step n holds a pending token
+(``Request.append_pending_token``) that the model engine replaces on the device with step n's
+sampled id (``fill_pending_tokens``). A request that reaches ``max_new_tokens`` in step n
+finishes at its launch (it is known); one that samples a stop token in step n is seen only after
+step n+1 was queued with it, and that one extra token is dropped. ``step()`` then returns the
+row of the step it read back (n), one step behind the one it launched.
 """
 
 from __future__ import annotations
@@ -14,6 +28,9 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
 
 from engine.clock import Clock, WallClock
 from engine.decoder import Decoder
@@ -22,6 +39,35 @@ from engine.request import FinishReason, Request, RequestState
 from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.stats import IterationLog, IterationStats
+
+
+@dataclass
+class InFlightStep:
+    """A step queued on the device whose sampled tokens the host has not read yet (overlap)."""
+
+    batch: SchedulerOutput
+    rows: list[tuple[Request, int]]  # per sampled row: (request, index of its pending token)
+    tokens: torch.Tensor  # [len(rows)] int64, on the device
+    host_tokens: torch.Tensor  # the same, copied to (pinned) host memory once `copied` passes
+    copied: torch.cuda.Event | None  # None on CPU
+    start: float  # clock time at scheduling
+    forward_start: float  # perf_counter at the forward's start
+    scheduling_time: float
+    input_prep_time: float
+    enqueue_time: float
+    num_new: int
+    num_rejected: int
+    num_active: int
+    work: tuple[float, int, int]
+    length_finished: set[Request] = field(default_factory=set)  # finished at launch
+    void: set[Request] = field(default_factory=set)  # stopped before: their row is dropped
+
+    def read_tokens(self) -> list[int]:
+        """Wait for this step's tokens only (not for steps queued after it)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_tokens.tolist()
+
 
 # Steps in a row that schedule nothing while requests hold KV before the executor gives up: a
 # policy that keeps doing so would otherwise spin forever.
@@ -37,7 +83,16 @@ class PyExecutor:
         resource_manager: ResourceManager,
         clock: Clock | None = None,
         eos_token_id: int | None = None,
+        overlap: bool = False,
     ):
+        if overlap and not model_engine.supports_overlap:
+            raise ValueError(
+                f"overlap scheduling needs a model engine that reads pending tokens on the "
+                f"device; {type(model_engine).__name__} does not"
+            )
+        self.overlap = overlap
+        self._in_flight: InFlightStep | None = None
+        self._last_resolved = float("-inf")  # clock time the last in-flight step was read
         self.model_engine = model_engine
         self.decoder = decoder
         self.scheduler = scheduler
@@ -70,7 +125,7 @@ class PyExecutor:
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return bool(self.active_requests or self._arrivals)
+        return bool(self.active_requests or self._arrivals or self._in_flight)
 
     def reject_reason(self, request: Request) -> str | None:
         """Why ``request`` can never run here, or None. Checked once, on arrival."""
@@ -117,7 +172,10 @@ class PyExecutor:
         return self.finished_requests
 
     def step(self) -> IterationStats | None:
-        """Run one iteration. Returns its stats, or None if there was nothing to do."""
+        """Run one iteration. Returns its stats, or None if there was nothing to do. With
+        ``overlap``, launches one step and returns the stats of the one before it."""
+        if self.overlap:
+            return self._step_overlap()
         if not self.active_requests and self._arrivals:
             self.clock.sleep_until(self._arrivals[0][0])
         start = self.clock.now()
@@ -126,12 +184,7 @@ class PyExecutor:
         if not self.active_requests:
             return None
         num_active = len(self.active_requests)
-
-        batch = self.scheduler.schedule_request(self.active_requests, self.kv_cache_manager)
-        scheduling_time = time.perf_counter() - wall_start
-        for request in batch.paused_requests:
-            self.resource_manager.free_resources(request)
-            request.pause()
+        batch, scheduling_time = self._schedule(wall_start)
 
         forward_start = time.perf_counter()
         finished: list[Request] = []
@@ -166,13 +219,7 @@ class PyExecutor:
             self.resource_manager.update_resources(batch)
         forward_time = time.perf_counter() - forward_start
 
-        for request in finished:
-            self.resource_manager.free_resources(request)
-            self.decoder.release(request)
-        if finished:
-            done = set(finished)
-            self.active_requests = [r for r in self.active_requests if r not in done]
-            self.finished_requests.extend(finished)
+        self._retire(finished)
         stats = self._record(
             batch,
             start,
@@ -190,11 +237,162 @@ class PyExecutor:
             self.decode_run(self, batch)
         return stats
 
+    # ---- overlap scheduling ------------------------------------------------------------------
+    def _step_overlap(self) -> IterationStats | None:
+        in_flight = self._in_flight
+        if not self.active_requests and self._arrivals and in_flight is None:
+            self.clock.sleep_until(self._arrivals[0][0])
+        start = self.clock.now()
+        wall_start = time.perf_counter()
+        num_new, num_rejected = self._fetch_arrivals(start)
+        if not self.active_requests and in_flight is None:
+            return None
+        launched: InFlightStep | None = None
+        stats = None
+        if self.active_requests:
+            num_active = len(self.active_requests)
+            batch, scheduling_time = self._schedule(wall_start)
+            if not batch.is_empty:
+                self._num_idle_steps = 0
+                launched = self._launch(batch, in_flight, start, scheduling_time)
+                launched.num_new, launched.num_rejected = num_new, num_rejected
+                launched.num_active = num_active
+            elif in_flight is None:  # nothing runs and nothing will change by itself
+                finished = self._resolve_stall(start)
+                self._retire(finished)
+                stats = self._record(
+                    batch, start, scheduling_time, 0.0, num_new, num_rejected, num_active,
+                    len(finished), (0.0, 0, 0), 0.0,
+                )  # fmt: skip
+        if in_flight is not None:
+            stats = self._resolve(in_flight, launched)
+        self._in_flight = launched
+        self.clock.tick()
+        return stats
+
+    def _launch(
+        self,
+        batch: SchedulerOutput,
+        in_flight: InFlightStep | None,
+        start: float,
+        scheduling_time: float,
+    ) -> InFlightStep:
+        """Queue ``batch`` on the device with the tokens of ``in_flight`` as its pending inputs,
+        advance the counters, give each sampled request a pending token, and finish those that
+        reach ``max_new_tokens`` (their KV is free for the next step's schedule)."""
+        for request in batch.context_requests:
+            if request.is_pending:
+                request.start(start)
+        self.resource_manager.prepare_resources(batch)
+        sampling_requests = batch.sampling_requests
+        forward_start = time.perf_counter()
+        pending = in_flight.tokens if in_flight is not None and in_flight.rows else None
+        logits = self.model_engine.forward(batch, self.kv_cache_manager, pending)
+        tokens = self.decoder.sample(sampling_requests, logits)
+        copied = None
+        host_tokens = tokens
+        if tokens.is_cuda:
+            # Queued right behind this step's sampling, so reading it waits for this step only.
+            host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host_tokens.copy_(tokens, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        enqueue_time = time.perf_counter() - forward_start
+        step = InFlightStep(
+            batch=batch,
+            rows=[],
+            tokens=tokens,
+            host_tokens=host_tokens,
+            copied=copied,
+            start=start,
+            forward_start=forward_start,
+            scheduling_time=scheduling_time,
+            input_prep_time=self.model_engine.last_input_prep_time,
+            enqueue_time=enqueue_time,
+            num_new=0,
+            num_rejected=0,
+            num_active=0,
+            work=self.model_engine.step_work(batch),
+        )
+        for request in batch.context_requests:
+            request.num_computed_tokens += request.context_chunk_size
+        for request in batch.generation_requests:
+            request.num_computed_tokens += 1
+        for index, request in enumerate(sampling_requests):
+            step.rows.append((request, request.num_output_tokens))
+            request.append_pending_token(index)
+            if request.num_output_tokens >= request.sampling_params.max_new_tokens:
+                request.finish(FinishReason.LENGTH, start)  # its time is set when read
+                step.length_finished.add(request)
+        self._retire(list(step.length_finished))
+        return step
+
+    def _resolve(self, step: InFlightStep, launched: InFlightStep | None) -> IterationStats:
+        """Read ``step``'s tokens, finish the requests that sampled a stop token (dropping the
+        token ``launched`` samples for them), and record ``step``'s row."""
+        values = step.read_tokens()
+        now = self.clock.now()
+        stopped: list[Request] = []
+        num_completed = 0
+        for (request, position), token_id in zip(step.rows, values, strict=True):
+            if request in step.void:
+                continue
+            request.resolve_token(position, token_id, now)
+            if self._is_stop(request, token_id):
+                del request.output_token_ids[position + 1 :]  # a token sampled after it
+                if launched is not None:
+                    launched.void.add(request)
+                if request.is_finished:  # by length, at a later launch or this one
+                    request.finish_reason = FinishReason.STOP
+                    request.finish_time = now
+                    num_completed += request in step.length_finished
+                else:
+                    request.finish(FinishReason.STOP, now)
+                    stopped.append(request)
+            elif request in step.length_finished:
+                request.finish_time = now
+                num_completed += 1
+        self.resource_manager.update_resources(step.batch)
+        self._retire(stopped)
+        forward_time = time.perf_counter() - step.forward_start
+        stats = self._record(
+            step.batch, step.start, step.scheduling_time, forward_time, step.num_new,
+            step.num_rejected, step.num_active, num_completed + len(stopped), step.work,
+            step.enqueue_time, input_prep_time=step.input_prep_time,
+            latency_from=max(step.start, self._last_resolved),
+        )  # fmt: skip
+        self._last_resolved = self.clock.now()
+        return stats
+
+    def _retire(self, finished: list[Request]) -> None:
+        """Free finished requests' KV and generators; move them to ``finished_requests``."""
+        for request in finished:
+            self.resource_manager.free_resources(request)
+            self.decoder.release(request)
+        if finished:
+            done = set(finished)
+            self.active_requests = [r for r in self.active_requests if r not in done]
+            self.finished_requests.extend(finished)
+
+    def _schedule(self, wall_start: float) -> tuple[SchedulerOutput, float]:
+        """The step's batch and the host seconds since ``wall_start``; the preempted are paused
+        (their KV freed)."""
+        batch = self.scheduler.schedule_request(self.active_requests, self.kv_cache_manager)
+        scheduling_time = time.perf_counter() - wall_start
+        for request in batch.paused_requests:
+            self.resource_manager.free_resources(request)
+            request.pause()
+        return batch, scheduling_time
+
+    def _is_stop(self, request: Request, token_id: int) -> bool:
+        params = request.sampling_params
+        return token_id in params.stop_token_ids or (
+            not params.ignore_eos and token_id == self.eos_token_id
+        )
+
     def _finish_reason(self, request: Request, token_id: int) -> FinishReason | None:
         params = request.sampling_params
-        if token_id in params.stop_token_ids or (
-            not params.ignore_eos and token_id == self.eos_token_id
-        ):
+        if self._is_stop(request, token_id):
             return FinishReason.STOP
         if request.num_output_tokens >= params.max_new_tokens:
             return FinishReason.LENGTH
@@ -235,8 +433,16 @@ class PyExecutor:
         num_completed: int,
         work: tuple[float, int, int],
         enqueue_time: float,
+        *,
+        input_prep_time: float | None = None,
+        latency_from: float | None = None,
     ) -> IterationStats:
+        """One row. ``input_prep_time``: default the model engine's last; ``latency_from``: the
+        clock time the step's latency counts from (default ``start``; with overlap, when the
+        step before it was read, since the two overlap)."""
         kv = self.kv_cache_manager.get_kv_cache_stats()
+        if input_prep_time is None:
+            input_prep_time = 0.0 if batch.is_empty else self.model_engine.last_input_prep_time
         num_pending = num_paused = 0
         for request in self.active_requests:
             if request.is_pending:
@@ -247,7 +453,7 @@ class PyExecutor:
             time=start,
             # On the executor's clock: wall time for real engines, the predicted step time for
             # the simulated one (whose host time is in scheduling_time / forward_time).
-            step_latency=self.clock.now() - start,
+            step_latency=self.clock.now() - (start if latency_from is None else latency_from),
             scheduling_time=scheduling_time,
             forward_time=forward_time,
             num_new_requests=num_new,
@@ -265,7 +471,7 @@ class PyExecutor:
             kv_cache_hit_rate=kv.cache_hit_rate,
             num_running_requests=len(self.active_requests) - num_pending,
             num_waiting_paused_requests=num_paused,
-            input_prep_time=0.0 if batch.is_empty else self.model_engine.last_input_prep_time,
+            input_prep_time=input_prep_time,
             context_attention=work[0],
             decode_kv_tokens=work[1],
             max_decode_kv=work[2],

@@ -128,6 +128,10 @@ class LLM:
     they can run (CUDA, Triton attention, not ``enforce_eager``, a token budget or explicit
     sizes), ``True`` insists (an error where they cannot), ``False`` runs those steps eagerly.
 
+    ``overlap_scheduler=True`` (TensorRT-LLM's overlap scheduler, vLLM's async scheduling):
+    the host schedules and prepares step n+1 while the device runs step n (``engine.executor``);
+    a request that samples a stop token costs one extra, dropped, token of compute.
+
     ``engine="sim"``: no weights and no tensors; each step's time comes from ``cost_model`` (a
     ``engine.sim.Profile``, a profile file, or any ``engine.sim.CostModel``) on a
     ``VirtualClock``; the KV pool only counts blocks (sized by the manager's ``num_blocks`` /
@@ -156,9 +160,16 @@ class LLM:
         engine: str = "torch",
         cost_model: Any = None,
         sim_fast_forward: bool = True,
+        overlap_scheduler: bool = False,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if overlap_scheduler and engine == "sim":
+            raise ValueError(
+                "overlap_scheduler=True hides the host's work behind the device's; the simulated "
+                "engine has no device (its profile's step times already include the host): use "
+                "overlap_scheduler=False with engine='sim'"
+            )
         self.engine = engine
         self.microbatch_scheduler = registry.build("microbatch_scheduler", microbatch_scheduler)
         self.capacity_scheduler = registry.build(
@@ -184,6 +195,7 @@ class LLM:
             ResourceManager(self.kv_cache_manager),
             clock=clock,
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+            overlap=overlap_scheduler,
         )
         if engine == "sim" and sim_fast_forward and is_steady(self.executor):
             self.executor.decode_run = fast_forward_decodes

@@ -60,7 +60,13 @@ class ModelEngine(ABC):
     ``forward`` returns logits [len(batch.sampling_requests), vocab] (float32 or the model's
     dtype), one row per request that samples this step, in ``sampling_requests`` order. It reads
     and writes KV only through the KV-cache manager's pool.
+
+    Overlap scheduling (engines with ``supports_overlap``): a generation's last token may still
+    be on the device, read as ``engine.request.pending_token_id(i)`` (< 0); ``forward`` then gets
+    the previous step's sampled tokens as ``pending_tokens`` and takes row ``i`` of it instead.
     """
+
+    supports_overlap: bool = False
 
     max_seq_len: int
     vocab_size: int
@@ -68,7 +74,12 @@ class ModelEngine(ABC):
     last_input_prep_time: float = 0.0
 
     @abstractmethod
-    def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor: ...
+    def forward(
+        self,
+        batch: SchedulerOutput,
+        kv_cache_manager: KVCacheManager,
+        pending_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
     def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
         """``(context_attention, decode_kv_tokens, max_decode_kv)`` of the batch the last
@@ -203,6 +214,18 @@ def flatten_batch(batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> H
     )
 
 
+def fill_pending_tokens(input_ids: torch.Tensor, pending_tokens: torch.Tensor) -> None:
+    """In place, on the device: each id ``pending_token_id(i) = -1 - i`` becomes
+    ``pending_tokens[i]``; other ids stay. No host synchronisation::
+
+        input_ids        5  -1   9  -3          pending_tokens  [17, 4, 30]
+        -1 - id          0   0   0   2  (clamped)
+        result           5  17   9  30
+    """
+    index = (-1 - input_ids).clamp_(min=0)
+    input_ids.copy_(torch.where(input_ids < 0, pending_tokens[index], input_ids))
+
+
 def build_forward_batch(
     batch: SchedulerOutput, kv_cache_manager: KVCacheManager, device: torch.device
 ) -> ForwardBatch:
@@ -268,7 +291,14 @@ class TorchModelEngine(ModelEngine):
     def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
         return self._last_work
 
-    def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor:
+    supports_overlap = True
+
+    def forward(
+        self,
+        batch: SchedulerOutput,
+        kv_cache_manager: KVCacheManager,
+        pending_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         kv_pool = kv_cache_manager.kv_pool
         if kv_pool is None:
             raise RuntimeError("the KV cache manager has no pool: call allocate_pool first")
@@ -283,7 +313,7 @@ class TorchModelEngine(ModelEngine):
         )
         runner = self.graph_runner
         if runner is not None and runner.can_run(host):
-            bucket = runner.load(host)
+            bucket = runner.load(host, pending_tokens)
             self.last_input_prep_time = time.perf_counter() - start
             self.num_graph_steps += 1
             return runner.replay(bucket, kv_pool)[: host.num_seqs]
@@ -291,5 +321,7 @@ class TorchModelEngine(ModelEngine):
         self.last_input_prep_time = time.perf_counter() - start
         piecewise = self.piecewise_runner
         if piecewise is not None and piecewise.can_run(host):
-            return piecewise.run(host, inputs, kv_pool)
+            return piecewise.run(host, inputs, kv_pool, pending_tokens)
+        if pending_tokens is not None:
+            fill_pending_tokens(inputs.input_ids, pending_tokens)
         return self.model.forward(inputs, kv_pool)

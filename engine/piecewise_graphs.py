@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.cuda_graphs import capture_graph, check_capture_device
-from engine.model_engine import ForwardBatch, HostBatch, StagingBuffer
+from engine.model_engine import ForwardBatch, HostBatch, StagingBuffer, fill_pending_tokens
 
 
 def default_piecewise_token_sizes(max_num_tokens: int) -> list[int]:
@@ -106,10 +106,16 @@ class PiecewiseGraphRunner:
         return len(host.logits_indices) <= self.rows_for(self.bucket_for(host.num_tokens))
 
     @torch.inference_mode()
-    def run(self, host: HostBatch, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
+    def run(
+        self,
+        host: HostBatch,
+        batch: ForwardBatch,
+        kv_pool: torch.Tensor,
+        pending_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [len(host.logits_indices), vocab] of the step; ``batch`` is the same step on
-        the device (attention's metadata). A view of a static buffer: read it before the next
-        step."""
+        the device (attention's metadata); ``pending_tokens`` as in ``fill_pending_tokens``. A
+        view of a static buffer: read it before the next step."""
         if kv_pool is not self.kv_pool:
             raise RuntimeError("the KV pool was reallocated after the CUDA graphs were captured")
         num_tokens, num_rows = host.num_tokens, len(host.logits_indices)
@@ -121,6 +127,8 @@ class PiecewiseGraphRunner:
         values += host.logits_indices + [0] * (bucket - num_rows)
         staged = self._staging.send(values)
         self._vectors[:, :bucket].copy_(staged.view(3, bucket))
+        if pending_tokens is not None:
+            fill_pending_tokens(self._vectors[0, :num_tokens], pending_tokens)
         self._piece(0, bucket)
         for layer in range(self.model.num_layers):
             q, k, v = self._q[:num_tokens], self._k[:num_tokens], self._v[:num_tokens]

@@ -186,6 +186,20 @@ class Request:
             self.first_token_time = now
         self.state = _GENERATION
 
+    def append_pending_token(self, index: int) -> None:
+        """Overlap scheduling: the token sampled for this request at row ``index`` of a step
+        still running on the device. It counts as a token now (the next step can be scheduled
+        around it) and reads as ``pending_token_id(index)`` (< 0) until ``resolve_token``."""
+        self.output_token_ids.append(pending_token_id(index))
+        self.state = _GENERATION
+
+    def resolve_token(self, position: int, token_id: int, now: float) -> None:
+        """The pending token at ``output_token_ids[position]`` is ``token_id``, known at ``now``."""
+        self.output_token_ids[position] = token_id
+        self.token_times.append(now)
+        if self.first_token_time is None:
+            self.first_token_time = now
+
     def finish(self, reason: FinishReason, now: float) -> None:
         self.state = RequestState.COMPLETE
         self.finish_reason = reason
@@ -218,6 +232,12 @@ class Request:
             f"Request(id={self.request_id}, {self.state.value}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, out={self.num_output_tokens})"
         )
+
+
+def pending_token_id(index: int) -> int:
+    """The placeholder of a token not yet read back from the device: row ``index`` of the
+    step's sampled tokens, as ``-1 - index`` (token ids are >= 0)."""
+    return -1 - index
 
 
 def num_blocks_for(num_tokens: int, tokens_per_block: int) -> int:

@@ -137,7 +137,12 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
     started = time.perf_counter()
     if is_sim:
         llm = LLM(
-            model_source(cfg), engine="sim", cost_model=sim_profile(cfg), seed=cfg.seed, **parts
+            model_source(cfg),
+            engine="sim",
+            cost_model=sim_profile(cfg),
+            seed=cfg.seed,
+            overlap_scheduler=cfg.executor.overlap_scheduler,  # an error: say so, not ignore it
+            **parts,
         )
     else:
         llm = LLM(
@@ -150,6 +155,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             cuda_graph_batch_sizes=cfg.executor.cuda_graph_batch_sizes,
             piecewise_cuda_graphs=cfg.executor.piecewise_cuda_graphs,
             piecewise_token_sizes=cfg.executor.piecewise_token_sizes,
+            overlap_scheduler=cfg.executor.overlap_scheduler,
             **parts,
         )
     if cfg.executor.warmup and not is_sim:

@@ -61,6 +61,9 @@ class ExecutorConfig:
     # max_num_tokens).
     piecewise_cuda_graphs: bool | None = None
     piecewise_token_sizes: list[int] | None = None
+    # Schedule and prepare step n+1 while the GPU runs step n (TensorRT-LLM's overlap scheduler,
+    # vLLM's async scheduling); engine=torch only.
+    overlap_scheduler: bool = False
     # engine=sim: the profile to fit step times to (null: engine/sim/profiles/<sim_device>/
     # <model>.json, made by python -m engine.sim.profiler)
     profile: str | None = None

@@ -29,6 +29,7 @@ the other one uses broadcast multiplies and ``tl.sum``, for any group size.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -42,6 +43,60 @@ _MIN_DOT = 16
 # in elements: keeps it in registers on a GPU.
 _MAX_BROADCAST = 8192
 MAX_SPLITS = 16
+# (BLOCK_N, num_warps, num_stages) of the tl.dot path; SCHEDLAB_DECODE_CONFIG=B,W,S overrides it
+# for a tuning run (bench/attention_kernels.py --decode-sweep prints the candidates).
+DECODE_CONFIG: tuple[int, int, int] = tuple(  # type: ignore[assignment]
+    int(x) for x in os.environ.get("SCHEDLAB_DECODE_CONFIG", "64,4,3").split(",")
+)
+if len(DECODE_CONFIG) != 3:
+    raise ValueError(f"SCHEDLAB_DECODE_CONFIG must be BLOCK_N,WARPS,STAGES: {DECODE_CONFIG}")
+
+
+@triton.jit
+def _attend_tile(
+    q, q_scaled, acc, l_i, m_i, tile, kv_start, seq_len, bt_row, kv_head_ptr,
+    stride_kv_kv, stride_kv_b, stride_kv_t, stride_kv_d, stride_bt_b, qk_scale,
+    offs_n, offs_d, mask_d,
+    TOKENS_PER_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One KV tile (positions tile * BLOCK_N ..) folded into the online softmax of a query
+    group: returns the updated (acc, l_i, m_i)."""
+    pos = tile * BLOCK_N + offs_n
+    valid = (pos >= kv_start) & (pos < seq_len)
+    # Masked gathers: table entries past the used blocks may hold anything (padding), and
+    # slots past seq_len may hold NaN/inf garbage; neither is ever read.
+    block_ids = tl.load(bt_row + (pos // TOKENS_PER_BLOCK) * stride_bt_b, mask=valid, other=0).to(
+        tl.int64
+    )
+    row = block_ids * stride_kv_b + (pos % TOKENS_PER_BLOCK) * stride_kv_t
+    kv_ptrs = kv_head_ptr + row[:, None] + offs_d[None, :] * stride_kv_d
+    kv_mask = valid[:, None] & mask_d[None, :]
+    k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, HEAD_DIM_PAD]
+    v = tl.load(kv_ptrs + stride_kv_kv, mask=kv_mask, other=0.0)
+
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+    else:
+        s = tl.sum(q_scaled[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    s = tl.where(valid[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_N]
+
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids
+    # (-inf) - (-inf) = NaN, and its exp2 terms are then exactly 0.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_DOT:
+        # Probabilities in the query dtype (bf16/fp16 tensor cores), as in flash attention.
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
 
 
 # The block table's row stride (its width) and the offset of a decode slice of a mixed batch
@@ -88,6 +143,7 @@ def _paged_decode_kernel(
     HAS_WINDOW: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,  # running in the Triton interpreter (CPU tensors)
 ):
     # int64 row indices: pool and output offsets can exceed 2^31 elements.
     seq = tl.program_id(0).to(tl.int64)
@@ -122,9 +178,9 @@ def _paged_decode_kernel(
         mask=mask_g[:, None] & mask_d[None, :],
         other=0.0,
     )
-    if not USE_DOT:
-        # Fold the softmax scale and log2(e) into the query once instead of into every score.
-        q_scaled = q.to(tl.float32) * qk_scale
+    # The tl.sum path folds the softmax scale and log2(e) into the query once instead of into
+    # every score; the tl.dot path scales its scores after the product (q_scaled unused).
+    q_scaled = q if USE_DOT else q.to(tl.float32) * qk_scale
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -132,45 +188,27 @@ def _paged_decode_kernel(
 
     bt_row = block_tables_ptr + seq * stride_bt_s
     kv_head_ptr = kv_ptr + kv_head * stride_kv_h
-    # A while loop, not range(tile_lo, tile_hi): Triton 3.6's interpreter cannot use a runtime
-    # value as a range bound under NumPy >= 2.4 (it calls int() on a 1-element array), and the
-    # compiled kernel is the same scf loop either way apart from software pipelining.
-    tile = tile_lo
-    while tile < tile_hi:
-        pos = tile * BLOCK_N + offs_n
-        valid = (pos >= kv_start) & (pos < seq_len)
-        # Masked gathers: table entries past the used blocks may hold anything (padding), and
-        # slots past seq_len may hold NaN/inf garbage; neither is ever read.
-        block_ids = tl.load(
-            bt_row + (pos // TOKENS_PER_BLOCK) * stride_bt_b, mask=valid, other=0
-        ).to(tl.int64)
-        row = block_ids * stride_kv_b + (pos % TOKENS_PER_BLOCK) * stride_kv_t
-        kv_ptrs = kv_head_ptr + row[:, None] + offs_d[None, :] * stride_kv_d
-        kv_mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(kv_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, HEAD_DIM_PAD]
-        v = tl.load(kv_ptrs + stride_kv_kv, mask=kv_mask, other=0.0)
-
-        if USE_DOT:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-        else:
-            s = tl.sum(q_scaled[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        s = tl.where(valid[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_N]
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids
-        # (-inf) - (-inf) = NaN, and its exp2 terms are then exactly 0.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if USE_DOT:
-            # Probabilities in the query dtype (bf16/fp16 tensor cores), as in flash attention.
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        else:
-            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-        tile += 1
+    if INTERPRET:
+        # The interpreter turns runtime range() bounds into Python ints through a numpy
+        # conversion that numpy >= 2.4 rejects (1-element arrays are not scalars); a while loop
+        # only needs bool(). Compiled, the for loop is kept: Triton software-pipelines it
+        # (num_stages), issuing the next tile's K/V loads before this tile's products, which a
+        # while loop never gets.
+        tile = tile_lo
+        while tile < tile_hi:
+            acc, l_i, m_i = _attend_tile(
+                q, q_scaled, acc, l_i, m_i, tile, kv_start, seq_len, bt_row, kv_head_ptr,
+                stride_kv_kv, stride_kv_b, stride_kv_t, stride_kv_d, stride_bt_b, qk_scale,
+                offs_n, offs_d, mask_d, TOKENS_PER_BLOCK, BLOCK_N, USE_DOT, DOT_PRECISION,
+            )  # fmt: skip
+            tile += 1
+    else:
+        for tile in range(tile_lo, tile_hi):
+            acc, l_i, m_i = _attend_tile(
+                q, q_scaled, acc, l_i, m_i, tile, kv_start, seq_len, bt_row, kv_head_ptr,
+                stride_kv_kv, stride_kv_b, stride_kv_t, stride_kv_d, stride_bt_b, qk_scale,
+                offs_n, offs_d, mask_d, TOKENS_PER_BLOCK, BLOCK_N, USE_DOT, DOT_PRECISION,
+            )  # fmt: skip
 
     # l == 0 only for an empty split (or seq_len == 0): output 0 and lse -inf, not NaN.
     empty = l_i == 0.0
@@ -283,6 +321,9 @@ def paged_decode_attention(
     *,
     num_splits: int | None = None,
     use_dot: bool | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's one new token to its keys in the paged pool (Triton).
 
@@ -300,6 +341,9 @@ def paged_decode_attention(
         the SM count and the block table's width (1 on CPU).
     use_dot: run the two products with tl.dot (query group padded to 16 rows); None means on
         CUDA only. Float32 inputs use IEEE precision (no TF32).
+    block_n, num_warps, num_stages: KV positions per tile, warps per program and software
+        pipeline depth; None takes ``DECODE_CONFIG`` (CUDA, tl.dot) or what fits the registers
+        (the tl.sum path: 64 positions down to 16).
 
     Returns [num_seqs, num_heads, head_dim] in ``query``'s dtype; softmax and accumulation in
     float32.
@@ -333,16 +377,22 @@ def paged_decode_attention(
     if use_dot is None:
         use_dot = query.is_cuda
     head_dim_pad = triton.next_power_of_2(head_dim)
+    default_block_n, default_warps, default_stages = DECODE_CONFIG
     if use_dot:
         group_pad = max(_MIN_DOT, triton.next_power_of_2(group))
         head_dim_pad = max(_MIN_DOT, head_dim_pad)
-        block_n = 64
+        block_n = block_n or default_block_n
     else:
         group_pad = triton.next_power_of_2(group)
-        # Largest tile (64 down to 16 positions) whose broadcast product stays register-sized.
-        block_n = 64
-        while block_n > 16 and group_pad * block_n * head_dim_pad > _MAX_BROADCAST:
-            block_n //= 2
+        if block_n is None:
+            # Largest tile (64 down to 16 positions) whose broadcast product stays register-sized.
+            block_n = 64
+            while block_n > 16 and group_pad * block_n * head_dim_pad > _MAX_BROADCAST:
+                block_n //= 2
+    if block_n < _MIN_DOT or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= {_MIN_DOT}, got {block_n}")
+    num_warps = num_warps or default_warps
+    num_stages = num_stages or default_stages
 
     max_positions = block_tables.shape[1] * tokens_per_block
     if sliding_window is not None:
@@ -395,6 +445,9 @@ def paged_decode_attention(
         HAS_WINDOW=sliding_window is not None,
         USE_DOT=use_dot,
         DOT_PRECISION=dot_precision,
+        INTERPRET=not query.is_cuda,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_launch[(num_seqs, num_heads)](

@@ -29,11 +29,23 @@ class FakeModelEngine(ModelEngine):
         self.max_seq_len = max_seq_len
         self.num_forward_tokens = 0
 
-    def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> torch.Tensor:
+    supports_overlap = True
+
+    def forward(
+        self,
+        batch: SchedulerOutput,
+        kv_cache_manager: KVCacheManager,
+        pending_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         rows = batch.sampling_requests
         logits = torch.zeros(len(rows), self.vocab_size)
         for i, request in enumerate(rows):
+            tokens = request.all_token_ids
+            if tokens[-1] < 0:  # overlap scheduling: the last token is the previous step's
+                assert pending_tokens is not None, f"{request}: a pending token and no tokens"
+                tokens[-1] = int(pending_tokens[-1 - tokens[-1]])
+            assert min(tokens) >= 0, f"{request}: a pending token before the last one"
             # A context's last chunk sees the whole sequence; so does a generation step.
-            logits[i, next_token(request.all_token_ids, self.vocab_size)] = 1.0
+            logits[i, next_token(tokens, self.vocab_size)] = 1.0
         self.num_forward_tokens += batch.num_tokens
         return logits

@@ -214,8 +214,8 @@ def test_a_whole_run_through_graph_buckets_equals_eager():
     buckets: list[tuple[int, int]] = []
     load = runner.load
 
-    def spy(host):
-        bucket = load(host)
+    def spy(host, pending_tokens=None):
+        bucket = load(host, pending_tokens)
         buckets.append((host.num_seqs, bucket))
         return bucket
 

@@ -2,9 +2,9 @@
 
 After every step: free + used == total blocks (and the manager's own integrity check), no request
 runs twice in a step, paused and scheduled are disjoint, batch-size and token budgets hold, chunk
-sizes are in range. At the end: every request is complete or rejected with a reason, no block is
-held, and outputs equal those of an unconstrained run (the fake engine's tokens depend only on
-content, so scheduling must not change them).
+sizes are in range, with and without overlap scheduling. At the end: every request is complete
+or rejected with a reason, no block is held, and outputs equal those of an unconstrained run
+(the fake engine's tokens depend only on content, so scheduling must not change them).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def configs(draw):
         # MAX_UTILIZATION preempts and GUARANTEED_NO_EVICT queues.
         num_blocks=max(1, draw(st.integers(8, 160)) // tokens_per_block),
         enable_block_reuse=draw(st.booleans()),
+        # Overlap scheduling: step n+1 scheduled before step n's tokens are read.
+        overlap=draw(st.booleans()),
     )
 
 
@@ -85,6 +87,7 @@ def build_executor(config, clock=None):
         ResourceManager(kv),
         clock=clock or VirtualClock(step_time=1.0),
         eos_token_id=EOS,
+        overlap=config.get("overlap", False),
     )
 
 
@@ -156,6 +159,7 @@ def test_invariants_hold_after_every_step(config, workload):
     assert sorted(r.request_id for r in executor.finished_requests) == list(range(len(requests)))
     for request in requests:
         assert request.is_finished
+        event(f"overlap: {config['overlap']}")
         event(f"preempted: {request.num_preemptions > 0}")
         event(f"prefix hit: {request.num_cached_tokens > 0}")
         event(f"rejected: {request.state is RequestState.REJECTED}")

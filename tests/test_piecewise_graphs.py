@@ -143,9 +143,9 @@ def test_a_whole_run_through_piecewise_buckets_equals_eager():
     buckets: list[tuple[int, int]] = []
     run = runner.run
 
-    def spy(host, batch, kv_pool):
+    def spy(host, batch, kv_pool, pending_tokens=None):
         buckets.append((host.num_tokens, runner.bucket_for(host.num_tokens)))
-        return run(host, batch, kv_pool)
+        return run(host, batch, kv_pool, pending_tokens)
 
     runner.run = spy
     piecewise = llm.generate(prompts, params)

@@ -37,7 +37,9 @@ class SimModelEngine(ModelEngine):
         features = self._features
         return features.context_attention, features.decode_kv_tokens, features.max_decode_kv
 
-    def forward(self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> None:
+    def forward(
+        self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager, pending_tokens: None = None
+    ) -> None:
         self._features = features = StepFeatures.of(batch)
         seconds = self.cost_model.predict(features)
         if not seconds > 0:
