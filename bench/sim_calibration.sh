@@ -17,6 +17,7 @@
 # REAL_REPEAT=1 also runs the Azure window real twice (the real engine's run-to-run spread; its
 # fidelity table is in the tarball: a device call brings back 8 files).
 # PROFILE_FROM=engine/sim/profiles/h200/llama-1b.json uses that profile instead of profiling.
+# REAL_ARGS="executor.overlap_scheduler=true" adds overrides to the real runs only.
 set -uo pipefail
 OUT=${1:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
 MODEL=${2:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
@@ -51,7 +52,7 @@ declare -A WORKLOADS=(
 for name in fcfs azure; do
   args=${WORKLOADS[$name]}
   # shellcheck disable=SC2086  # args is a list of overrides
-  step "real $name" python -m harness $args model="$MODEL" \
+  step "real $name" python -m harness $args model="$MODEL" ${REAL_ARGS:-} \
     output_root="$RESULTS/real/$name-$MODEL" progress=false
   # shellcheck disable=SC2086
   step "sim $name" python -m harness $args model="$MODEL" executor.engine=sim \
@@ -94,7 +95,7 @@ done
 # engine's own run-to-run spread, the floor under any simulator's error.
 if [[ ${REAL_REPEAT:-0} == 1 ]]; then
   # shellcheck disable=SC2086
-  step "real azure again" python -m harness ${WORKLOADS[azure]} model="$MODEL" \
+  step "real azure again" python -m harness ${WORKLOADS[azure]} model="$MODEL" ${REAL_ARGS:-} \
     output_root="$RESULTS/real2/azure-$MODEL" progress=false
   first=$(find "$RESULTS/real/azure-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
   again=$(find "$RESULTS/real2/azure-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)

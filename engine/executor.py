@@ -59,6 +59,8 @@ class InFlightStep:
     num_rejected: int
     num_active: int
     work: tuple[float, int, int]
+    # Read at launch: the batch's chunk sizes change when the next step is scheduled.
+    num_context_tokens: int
     length_finished: set[Request] = field(default_factory=set)  # finished at launch
     void: set[Request] = field(default_factory=set)  # stopped before: their row is dropped
 
@@ -313,6 +315,7 @@ class PyExecutor:
             num_rejected=0,
             num_active=0,
             work=self.model_engine.step_work(batch),
+            num_context_tokens=batch.num_context_tokens,
         )
         for request in batch.context_requests:
             request.num_computed_tokens += request.context_chunk_size
@@ -360,6 +363,7 @@ class PyExecutor:
             step.num_rejected, step.num_active, num_completed + len(stopped), step.work,
             step.enqueue_time, input_prep_time=step.input_prep_time,
             latency_from=max(step.start, self._last_resolved),
+            num_context_tokens=step.num_context_tokens,
         )  # fmt: skip
         self._last_resolved = self.clock.now()
         return stats
@@ -436,10 +440,12 @@ class PyExecutor:
         *,
         input_prep_time: float | None = None,
         latency_from: float | None = None,
+        num_context_tokens: int | None = None,
     ) -> IterationStats:
         """One row. ``input_prep_time``: default the model engine's last; ``latency_from``: the
         clock time the step's latency counts from (default ``start``; with overlap, when the
-        step before it was read, since the two overlap)."""
+        step before it was read, since the two overlap); ``num_context_tokens``: default the
+        batch's (its chunk sizes, valid until the next schedule)."""
         kv = self.kv_cache_manager.get_kv_cache_stats()
         if input_prep_time is None:
             input_prep_time = 0.0 if batch.is_empty else self.model_engine.last_input_prep_time
@@ -459,7 +465,9 @@ class PyExecutor:
             num_new_requests=num_new,
             num_rejected_requests=num_rejected,
             num_context_requests=len(batch.context_requests),
-            num_context_tokens=batch.num_context_tokens,
+            num_context_tokens=(
+                batch.num_context_tokens if num_context_tokens is None else num_context_tokens
+            ),
             num_generation_requests=len(batch.generation_requests),
             num_paused_requests=len(batch.paused_requests),
             num_queued_requests=num_pending,

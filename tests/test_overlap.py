@@ -138,7 +138,19 @@ def test_overlap_returns_each_steps_row_one_call_late_and_drops_the_token_after_
         assert a.output_token_ids == b.output_token_ids
         assert a.finish_reason == b.finish_reason is FinishReason.LENGTH
         assert len(b.token_times) == len(b.output_token_ids)
-    assert len(runs[True][0].iteration_stats) == len(runs[False][0].iteration_stats)
+    # The same steps, each recorded with its own batch (not the next one's chunk sizes).
+    sync_rows = runs[False][0].iteration_stats.columns()
+    overlap_rows = runs[True][0].iteration_stats.columns()
+    for column in (
+        "num_context_requests",
+        "num_context_tokens",
+        "num_generation_requests",
+        "context_attention",
+        "decode_kv_tokens",
+        "num_completed_requests",
+    ):
+        assert list(overlap_rows[column]) == list(sync_rows[column]), column
+    assert sum(sync_rows["num_context_tokens"]) == sum(map(len, prompts))
 
     # A stop token: the request's next step is queued before the stop is read, then dropped.
     full = sync_requests[0].output_token_ids
