@@ -61,7 +61,7 @@ class InFlightStep:
     work: tuple[float, int, int]
     # Read at launch: the batch's chunk sizes change when the next step is scheduled.
     num_context_tokens: int
-    length_finished: set[Request] = field(default_factory=set)  # finished at launch
+    length_finished: list[Request] = field(default_factory=list)  # finished at launch, in order
     void: set[Request] = field(default_factory=set)  # stopped before: their row is dropped
 
     def read_tokens(self) -> list[int]:
@@ -326,8 +326,8 @@ class PyExecutor:
             request.append_pending_token(index)
             if request.num_output_tokens >= request.sampling_params.max_new_tokens:
                 request.finish(FinishReason.LENGTH, start)  # its time is set when read
-                step.length_finished.add(request)
-        self._retire(list(step.length_finished))
+                step.length_finished.append(request)
+        self._retire(step.length_finished)
         return step
 
     def _resolve(self, step: InFlightStep, launched: InFlightStep | None) -> IterationStats:
@@ -337,6 +337,7 @@ class PyExecutor:
         now = self.clock.now()
         stopped: list[Request] = []
         num_completed = 0
+        length_finished = set(step.length_finished)
         for (request, position), token_id in zip(step.rows, values, strict=True):
             if request in step.void:
                 continue
@@ -345,14 +346,14 @@ class PyExecutor:
                 del request.output_token_ids[position + 1 :]  # a token sampled after it
                 if launched is not None:
                     launched.void.add(request)
-                if request.is_finished:  # by length, at a later launch or this one
+                if request.is_finished:  # by length, at this launch or the next one
                     request.finish_reason = FinishReason.STOP
                     request.finish_time = now
-                    num_completed += request in step.length_finished
+                    num_completed += 1  # here: the next step's row skips it (void)
                 else:
                     request.finish(FinishReason.STOP, now)
                     stopped.append(request)
-            elif request in step.length_finished:
+            elif request in length_finished:
                 request.finish_time = now
                 num_completed += 1
         self.resource_manager.update_resources(step.batch)

@@ -168,7 +168,8 @@ class LLM:
             raise ValueError(
                 "overlap_scheduler=True hides the host's work behind the device's; the simulated "
                 "engine has no device (its profile's step times already include the host): use "
-                "overlap_scheduler=False with engine='sim'"
+                "overlap_scheduler=False with engine='sim' (harness: executor.overlap_scheduler="
+                "false)"
             )
         self.engine = engine
         self.microbatch_scheduler = registry.build("microbatch_scheduler", microbatch_scheduler)

@@ -342,3 +342,20 @@ def test_sim_engine_runs_on_the_committed_h200_profile(tmp_path: Path):
     assert run.info["status"] == "ok" and run.info["engine"] == "sim"
     assert run.info["device"] == "sim (NVIDIA H200)"
     assert len(run.requests) == 40 and (run.requests["e2el_ms"] > 0).all()
+
+
+def test_overlap_scheduling_runs_from_the_config(tmp_path: Path):
+    out = tmp_path / "out"
+    harness(out, "executor.overlap_scheduler=true", *SHRINK, "progress=false")
+    run = load(only_dir(out / "default"))
+    assert run.info["status"] == "ok" and run.config["executor"]["overlap_scheduler"] is True
+    assert len(run.requests) == 6 and (run.requests["status"] == "complete").all()
+    assert run.iterations["num_context_tokens"].sum() > 0
+
+
+def test_overlap_with_the_sim_engine_is_a_clear_error(tmp_path: Path):
+    proc = harness(
+        tmp_path, "executor.engine=sim", "executor.overlap_scheduler=true", expect_ok=False
+    )
+    assert proc.returncode == 2
+    assert "executor.overlap_scheduler=false" in proc.stderr and "Traceback" not in proc.stderr

@@ -153,20 +153,27 @@ def test_overlap_returns_each_steps_row_one_call_late_and_drops_the_token_after_
     assert sum(sync_rows["num_context_tokens"]) == sum(map(len, prompts))
 
     # A stop token: the request's next step is queued before the stop is read, then dropped.
+    # max_new_tokens 3: the stop is read after the next launch already finished it by length;
+    # 2: the stop token is also the last by length.
     full = sync_requests[0].output_token_ids
     stop = full[1]
-    executors = {}
-    for overlap in (False, True):
-        executor = _fake_executor(overlap)
-        params = SamplingParams(max_new_tokens=6, stop_token_ids=(stop,))
-        request = Request(0, list(prompts[0]), params)
-        executor.enqueue_requests([request])
-        executor.run()
-        assert request.output_token_ids == full[: full.index(stop) + 1]
-        assert request.finish_reason is FinishReason.STOP
-        executors[overlap] = executor
-    wasted = executors[True].model_engine.num_forward_tokens
-    assert wasted == executors[False].model_engine.num_forward_tokens + 1
+    for max_new_tokens in (6, 3, 2):
+        executors = {}
+        for overlap in (False, True):
+            executor = _fake_executor(overlap)
+            params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(stop,))
+            request = Request(0, list(prompts[0]), params)
+            executor.enqueue_requests([request])
+            executor.run()
+            assert request.output_token_ids == full[: full.index(stop) + 1]
+            assert request.finish_reason is FinishReason.STOP
+            assert len(request.token_times) == len(request.output_token_ids)
+            assert sum(executor.iteration_stats.columns()["num_completed_requests"]) == 1
+            assert executor.kv_cache_manager.num_free_blocks == executor.kv_cache_manager.num_blocks
+            executors[overlap] = executor
+        wasted = executors[True].model_engine.num_forward_tokens
+        extra = 1 if max_new_tokens > full.index(stop) + 1 else 0  # a row past the stop ran
+        assert wasted == executors[False].model_engine.num_forward_tokens + extra
 
 
 def test_overlap_with_the_simulated_engine_is_an_error():
