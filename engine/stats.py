@@ -12,6 +12,11 @@ from typing import overload
 # slots: the simulated engine records millions of steps (a dict per row would cost ~1 KB).
 @dataclass(frozen=True, slots=True)
 class IterationStats:
+    """One step. With overlap scheduling (``PyExecutor(overlap=True)``) a row is written when the
+    step's tokens are read, one ``step()`` call after its launch; its ``step_latency`` counts
+    from when the step before it was read (the two overlap), so the rows' latencies still add
+    up to the busy time, and ``forward_time`` runs from the forward's start to that read."""
+
     iteration: int
     time: float  # clock time at the start of the step (s)
     step_latency: float  # whole step, scheduling + forward + bookkeeping (s)

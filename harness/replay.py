@@ -18,7 +18,8 @@ from harness.workload.base import Workload
 def to_request(request_id: int, spec, arrival_time: float) -> Request:
     # Output lengths come from the workload, as with vLLM's benchmark --ignore-eos.
     params = SamplingParams(max_new_tokens=spec.max_new_tokens, ignore_eos=True)
-    return Request(request_id, list(spec.prompt_token_ids), params, arrival_time=arrival_time)
+    # The spec's tuple, not a copy: the requests of a whole trace hold tens of millions of tokens.
+    return Request(request_id, spec.prompt_token_ids, params, arrival_time=arrival_time)
 
 
 def warm_up(llm: LLM, num_requests: int = 4) -> None:

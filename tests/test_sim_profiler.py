@@ -70,7 +70,7 @@ def rows(profile: Profile, kind: str) -> list[dict]:
 # ---- the grid ---------------------------------------------------------------------------------
 def test_grids_have_points_of_every_kind_within_the_engine_limits():
     assert GRID.num_points() == {
-        "decode": 6,
+        "decode": 7,
         "prefill": 4,
         "mixed": 8,
         "chunked": 2,
@@ -78,7 +78,7 @@ def test_grids_have_points_of_every_kind_within_the_engine_limits():
     }
     full = ProfileGrid.full(256, 8192)
     assert full.num_points() == {
-        "decode": 45,
+        "decode": 57,
         "prefill": 21,
         "mixed": 54,
         "chunked": 3,
@@ -91,6 +91,11 @@ def test_grids_have_points_of_every_kind_within_the_engine_limits():
     assert max(smaller.decode_batch_sizes) == 64 and max(smaller.prefill_tokens) == 2048
     assert smaller.mixed_decodes == (16, 63) and smaller.mixed_prefill_tokens == (256, 1024)
     assert ProfileGrid(prefill_tokens=[8], prefill_seqs=[1, 16]).prefill_points == [(8, 1)]
+    # Ragged decodes: B >= 2k sequences, one at k * c, the same B * c KV tokens in all.
+    assert full.ragged_decode_points[0] == (8, 256, 4) and len(full.ragged_decode_points) == 12
+    assert ProfileGrid.ragged_contexts(4, 16, 2) == [32, 11, 11, 10]
+    with pytest.raises(ValueError, match="decode_ragged_skews"):
+        ProfileGrid(decode_ragged_skews=(1,))
     with pytest.raises(ValueError, match="decode_batch_sizes"):
         ProfileGrid(decode_batch_sizes=(0,))
     with pytest.raises(ValueError, match="replay_prompt_lens"):
@@ -101,9 +106,17 @@ def test_grids_have_points_of_every_kind_within_the_engine_limits():
 def test_decode_points_have_the_asked_batch_at_the_asked_context(profiled):
     _, profile = profiled
     decode = rows(profile, "decode")
-    assert len(decode) == len(GRID.decode_batch_sizes) * len(GRID.decode_contexts)
+    num_uniform = len(GRID.decode_batch_sizes) * len(GRID.decode_contexts)
+    assert len(decode) == num_uniform + len(GRID.ragged_decode_points)
+    # The ragged point (B=4, c=16, k=2): KV lengths 32, 11, 11, 10 at its first decode.
+    skews = [r["max_decode_kv"] * r["num_decode_seqs"] / r["decode_kv_tokens"] for r in decode]
+    [ragged] = [row for row, skew in zip(decode, skews, strict=True) if skew > 1.5]
+    assert ragged["num_decode_seqs"] == 4 and 64 <= ragged["decode_kv_tokens"] <= 64 + 4 * 30
+    assert 32 <= ragged["max_decode_kv"] <= 32 + 30
     shapes = set()
     for row in decode:
+        if row is ragged:
+            continue
         batch = row["num_decode_seqs"]
         assert row["num_context_tokens"] == 0 and row["num_context_seqs"] == 0
         # KV length c at the first decode; a few tokens further on after the set-up steps.

@@ -7,7 +7,9 @@ this module puts the real executor into a state whose next step has the point's 
 that one ``executor.step()`` (``torch.cuda.synchronize`` on either side on CUDA) ``repeats``
 times after ``warmup`` untimed runs, and keeps the median with the features of that very step::
 
-    decode   B sequences decoding at KV length c        (a CUDA-graph replay on a GPU)
+    decode   B sequences decoding at KV length c        (a CUDA-graph replay on a GPU);
+             ragged: the same B * c KV tokens, one sequence at k * c and B - 1 sharing the
+             rest (the longest one sets the decode kernel's tail: ``max_decode_kv``)
     prefill  S fresh prompts of T tokens in all, arriving at an idle engine
     mixed    R sequences decoding at KV length C, plus one fresh prompt of T tokens
     chunked  a chunk of T tokens behind a computed prefix of P tokens (chunked prefill)
@@ -42,7 +44,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
@@ -72,16 +74,19 @@ class ProfileShapeError(RuntimeError):
 class ProfileGrid:
     """The batch shapes to time (see the module docstring for the four kinds).
 
-    ``decode_batch_sizes`` x ``decode_contexts``; ``prefill_tokens`` x ``prefill_seqs`` (S <= T,
-    the T tokens split as evenly as possible); ``mixed_decodes`` x ``mixed_prefill_tokens`` (T
-    tokens in each of ``mixed_prefill_seqs`` prompts S) at each KV length of ``mixed_contexts``
-    (two or more, so the fit can tell decode rows from KV bytes in a mixed step; S > 1 so it can
-    tell a prompt's own cost from the step's); ``chunked_tokens`` behind a prefix of
-    ``chunked_prefix`` tokens (0: no chunked points).
+    ``decode_batch_sizes`` x ``decode_contexts``, and ragged at ``decode_ragged_skews`` x
+    ``decode_ragged_contexts`` for B >= 2k (``ragged_decode_points``); ``prefill_tokens`` x
+    ``prefill_seqs`` (S <= T, the T tokens split as evenly as possible); ``mixed_decodes`` x
+    ``mixed_prefill_tokens`` (T tokens in each of ``mixed_prefill_seqs`` prompts S) at each KV
+    length of ``mixed_contexts`` (two or more, so the fit can tell decode rows from KV bytes in
+    a mixed step; S > 1 so it can tell a prompt's own cost from the step's); ``chunked_tokens``
+    behind a prefix of ``chunked_prefix`` tokens (0: no chunked points).
     """
 
     decode_batch_sizes: tuple[int, ...] = ()
     decode_contexts: tuple[int, ...] = ()
+    decode_ragged_skews: tuple[int, ...] = ()  # k >= 2: longest / mean KV length
+    decode_ragged_contexts: tuple[int, ...] = ()  # mean KV lengths c of the ragged points
     prefill_tokens: tuple[int, ...] = ()
     prefill_seqs: tuple[int, ...] = ()
     mixed_decodes: tuple[int, ...] = ()
@@ -114,6 +119,29 @@ class ProfileGrid:
                 raise ValueError(f"ProfileGrid.{name} must be (low, high), got {low_high!r}")
         if min(self.decode_contexts, default=2) < 2:
             raise ValueError(f"ProfileGrid.decode_contexts must be >= 2: {self.decode_contexts}")
+        if min(self.decode_ragged_skews, default=2) < 2:
+            raise ValueError(
+                f"ProfileGrid.decode_ragged_skews must be >= 2: {self.decode_ragged_skews}"
+            )
+
+    @property
+    def ragged_decode_points(self) -> list[tuple[int, int, int]]:
+        """``(B, c, k)``: B sequences holding B * c KV tokens, the longest k * c (B >= 2k, so
+        the other B - 1 keep at least c / 2 each on average)."""
+        return [
+            (b, c, k)
+            for c in self.decode_ragged_contexts
+            for k in self.decode_ragged_skews
+            for b in self.decode_batch_sizes
+            if b >= 2 * k
+        ]
+
+    @staticmethod
+    def ragged_contexts(batch: int, context: int, skew: int) -> list[int]:
+        """The KV lengths of a ragged point: ``skew * context`` first, then the rest of
+        ``batch * context`` split evenly over the other ``batch - 1``."""
+        longest = skew * context
+        return [longest, *split_tokens(batch * context - longest, batch - 1)]
 
     @property
     def prefill_points(self) -> list[tuple[int, int]]:
@@ -135,7 +163,8 @@ class ProfileGrid:
 
     def num_points(self) -> dict[str, int]:
         return {
-            "decode": len(self.decode_batch_sizes) * len(self.decode_contexts),
+            "decode": len(self.decode_batch_sizes) * len(self.decode_contexts)
+            + len(self.ragged_decode_points),
             "prefill": len(self.prefill_points),
             "mixed": len(self.mixed_decodes)
             * len(self.mixed_contexts)
@@ -159,6 +188,10 @@ class ProfileGrid:
             ),
             # 1536: the longest KV at 256 decodes that llama-8b's pool holds on an 80 GB card
             decode_contexts=(128, 512, 1024, 1536, 2048),
+            # Serving batches are ragged (Azure: longest / mean KV 1.2-4.7 a step); without
+            # these points the fit cannot tell the longest sequence's cost from the mean's.
+            decode_ragged_skews=(4,),
+            decode_ragged_contexts=(256, 1024),
             prefill_tokens=tuple(
                 t for t in (16, 64, 256, 1024, 2048, 4096, 8192) if t <= max_num_tokens
             ),
@@ -183,6 +216,8 @@ class ProfileGrid:
         return cls(
             decode_batch_sizes=(1, 2, 4),
             decode_contexts=(16, 48),
+            decode_ragged_skews=(2,),
+            decode_ragged_contexts=(16,),
             prefill_tokens=(8, 32),
             prefill_seqs=(1, 4),
             mixed_decodes=(2, 4),
@@ -242,9 +277,10 @@ class _Limits:
             steps = math.ceil(num_seqs / max(1, (budget - num_seqs) // context))
         return steps + 2
 
-    def decodes_misfit(self, num_seqs: int, context: int, max_new_tokens: int) -> str | None:
-        """Why ``num_seqs`` requests cannot decode at KV length ``context`` for
+    def decodes_misfit(self, contexts: Sequence[int], max_new_tokens: int) -> str | None:
+        """Why requests cannot decode at KV lengths ``contexts`` (one each) for
         ``max_new_tokens`` tokens (worst case reserved, as guaranteed_no_evict does), or None."""
+        num_seqs, context = len(contexts), max(contexts)
         if num_seqs > self.max_batch_size:
             return f"{num_seqs} sequences exceed the batch limit {self.max_batch_size}"
         budget = self.max_num_tokens
@@ -255,11 +291,11 @@ class _Limits:
         length = context - 1 + max_new_tokens
         if length > self.max_seq_len:
             return f"{length} tokens a sequence exceed the model's max length {self.max_seq_len}"
-        need = num_seqs * self.blocks(length)
+        need = sum(self.blocks(c - 1 + max_new_tokens) for c in contexts)
         if need > self.num_blocks:
             return (
-                f"{num_seqs} sequences of {length} tokens need {need} KV blocks; the pool has "
-                f"{self.num_blocks}"
+                f"{num_seqs} sequences of up to {length} tokens need {need} KV blocks; the pool "
+                f"has {self.num_blocks}"
             )
         return None
 
@@ -337,6 +373,7 @@ class _Profiler:
             self._warm_up()
             for context in self.grid.decode_contexts:
                 self._decode_group(context)
+            self._ragged_decode_group()
             self._prefill_group()
             for num_decodes in self.grid.mixed_decodes:
                 for context in self.grid.mixed_contexts:
@@ -354,34 +391,54 @@ class _Profiler:
     def _decode_group(self, context: int) -> None:
         """For each B: admit B requests, prefill them untimed, time their decodes, drain."""
         started = time.perf_counter()
+        batch_sizes = sorted(self.grid.decode_batch_sizes)
+        shapes = [(b, [context] * b, f"B={b} c={context}") for b in batch_sizes]
+        self._log_group(f"decode  c={context}", map(self._decode_point, shapes), started)
+
+    def _ragged_decode_group(self) -> None:
+        """Each ragged point as a decode point: one sequence at k * c, the rest sharing what is
+        left of B * c."""
+        started = time.perf_counter()
+        shapes = [
+            (b, ProfileGrid.ragged_contexts(b, c, k), f"B={b} c={c} skew={k}")
+            for b, c, k in self.grid.ragged_decode_points
+        ]
+        self._log_group("decode ragged", map(self._decode_point, shapes), started)
+
+    def _log_group(self, name: str, labels: Iterable[str | None], started: float) -> None:
+        measured = [label for label in labels if label is not None]  # runs the points
+        if measured:
+            self._log(
+                f"{name}: {', '.join(measured)} "
+                f"({len(measured)} points, {time.perf_counter() - started:.1f} s)"
+            )
+
+    def _decode_point(self, shape: tuple[int, list[int], str]) -> str | None:
+        """One decode point: B requests at KV lengths ``contexts``; its label, or None if the
+        engine cannot run it (skipped and listed)."""
+        batch, contexts, label = shape
         limits = self.limits
         timed = self.warmup + self.repeats
-        batch_sizes = []
-        for batch in sorted(self.grid.decode_batch_sizes):
-            new_tokens = limits.setup_steps(batch, context) + timed + 2
-            reason = limits.decodes_misfit(batch, context, new_tokens)
-            if reason is not None:  # each skipped point is listed (larger ones fail too)
-                self._skip("decode", f"B={batch} c={context}", reason)
-                continue
-            requests = self._start_decodes(batch, context, new_tokens, timed)
-            self._measure(
-                "decode",
-                f"decode B={batch} c={context}",
-                lambda: None,
-                {
-                    "num_context_seqs": 0,
-                    "num_context_tokens": 0,
-                    "num_decode_seqs": batch,
-                    "decode_kv_tokens": (batch * context, batch * (context - 1 + new_tokens)),
-                },
-            )
-            self._drain(requests, f"decode B={batch} c={context}")
-            batch_sizes.append(batch)
-        if batch_sizes:
-            self._log(
-                f"decode  c={context}: B={','.join(map(str, batch_sizes))} "
-                f"({len(batch_sizes)} points, {time.perf_counter() - started:.1f} s)"
-            )
+        new_tokens = limits.setup_steps(batch, max(contexts)) + timed + 2
+        reason = limits.decodes_misfit(contexts, new_tokens)
+        if reason is not None:  # each skipped point is listed (larger ones fail too)
+            self._skip("decode", label, reason)
+            return None
+        requests = self._start_decodes(contexts, new_tokens, timed)
+        self._measure(
+            "decode",
+            f"decode {label}",
+            lambda: None,
+            {
+                "num_context_seqs": 0,
+                "num_context_tokens": 0,
+                "num_decode_seqs": batch,
+                "decode_kv_tokens": (sum(contexts), sum(contexts) + batch * (new_tokens - 1)),
+                "max_decode_kv": (max(contexts), max(contexts) - 1 + new_tokens),
+            },
+        )
+        self._drain(requests, f"decode {label}")
+        return label
 
     def _prefill_group(self) -> None:
         """S fresh prompts of T tokens in all (max_new_tokens=1: they finish in the step that
@@ -432,7 +489,7 @@ class _Profiler:
         timed_total = len(points) * (self.warmup + self.repeats)
         new_tokens = limits.setup_steps(num_decodes, context) + timed_total + 2
         length = context - 1 + new_tokens
-        group_reason = limits.decodes_misfit(num_decodes, context, new_tokens)
+        group_reason = limits.decodes_misfit([context] * num_decodes, new_tokens)
         if num_decodes + 1 > limits.max_batch_size:
             group_reason = (
                 f"{num_decodes} decodes and a prefill exceed the batch limit "
@@ -465,7 +522,7 @@ class _Profiler:
                 self._skip("mixed", f"R={num_decodes} T={tokens} S={num_seqs} C={context}", reason)
         if not measured:
             return
-        requests = self._start_decodes(num_decodes, context, new_tokens, timed_total)
+        requests = self._start_decodes([context] * num_decodes, new_tokens, timed_total)
         for tokens, num_seqs, lengths in measured:
             self._measure(
                 "mixed",
@@ -640,14 +697,15 @@ class _Profiler:
         )
 
     def _start_decodes(
-        self, num_seqs: int, context: int, max_new_tokens: int, timed_steps: int
+        self, contexts: Sequence[int], max_new_tokens: int, timed_steps: int
     ) -> list[Request]:
-        """``num_seqs`` requests that all decode at KV length ``context`` (prompts of
-        ``context - 1`` tokens; the early ones are a few tokens further on), with room left
-        for ``timed_steps`` more tokens each."""
-        requests = self._requests([context - 1] * num_seqs, max_new_tokens)
+        """One request decoding at each KV length of ``contexts`` (prompts one token shorter;
+        the early ones are a few tokens further on), with room left for ``timed_steps`` more
+        tokens each."""
+        num_seqs = len(contexts)
+        requests = self._requests([c - 1 for c in contexts], max_new_tokens)
         self.executor.enqueue_requests(requests)
-        max_steps = 4 * self.limits.setup_steps(num_seqs, context) + 16
+        max_steps = 4 * self.limits.setup_steps(num_seqs, max(contexts)) + 16
         for _ in range(max_steps):
             if all(r.is_generation for r in requests):
                 break
@@ -655,8 +713,8 @@ class _Profiler:
         room = min(max_new_tokens - r.num_output_tokens for r in requests)
         if not all(r.is_generation for r in requests) or room <= timed_steps:
             raise RuntimeError(
-                f"setting up {num_seqs} decodes at context {context}: after "
-                f"{len(self.executor.iteration_stats)} steps, states "
+                f"setting up {num_seqs} decodes at contexts {min(contexts)}..{max(contexts)}: "
+                f"after {len(self.executor.iteration_stats)} steps, states "
                 f"{sorted({r.state.value for r in requests})}, {room} tokens of room left for "
                 f"{timed_steps} timed steps (the set-up bound is wrong for this scheduler)"
             )
