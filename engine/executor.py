@@ -327,7 +327,9 @@ class PyExecutor:
             if request.num_output_tokens >= request.sampling_params.max_new_tokens:
                 request.finish(FinishReason.LENGTH, start)  # its time is set when read
                 step.length_finished.append(request)
-        self._retire(step.length_finished)
+        # Out of the schedule and its KV free now; in finished_requests once its token is read
+        # (a closed-loop workload sends the next request at that time).
+        self._release(step.length_finished)
         return step
 
     def _resolve(self, step: InFlightStep, launched: InFlightStep | None) -> IterationStats:
@@ -335,8 +337,8 @@ class PyExecutor:
         token ``launched`` samples for them), and record ``step``'s row."""
         values = step.read_tokens()
         now = self.clock.now()
-        stopped: list[Request] = []
-        num_completed = 0
+        finished: list[Request] = []  # in row order
+        stopped: list[Request] = []  # of those, the ones still scheduled: release them
         length_finished = set(step.length_finished)
         for (request, position), token_id in zip(step.rows, values, strict=True):
             if request in step.void:
@@ -346,22 +348,23 @@ class PyExecutor:
                 del request.output_token_ids[position + 1 :]  # a token sampled after it
                 if launched is not None:
                     launched.void.add(request)
-                if request.is_finished:  # by length, at this launch or the next one
+                if request.is_finished:  # released by length, at this launch or the next one
                     request.finish_reason = FinishReason.STOP
                     request.finish_time = now
-                    num_completed += 1  # here: the next step's row skips it (void)
                 else:
                     request.finish(FinishReason.STOP, now)
                     stopped.append(request)
+                finished.append(request)
             elif request in length_finished:
                 request.finish_time = now
-                num_completed += 1
+                finished.append(request)
         self.resource_manager.update_resources(step.batch)
-        self._retire(stopped)
+        self._release(stopped)
+        self.finished_requests.extend(finished)
         forward_time = time.perf_counter() - step.forward_start
         stats = self._record(
             step.batch, step.start, step.scheduling_time, forward_time, step.num_new,
-            step.num_rejected, step.num_active, num_completed + len(stopped), step.work,
+            step.num_rejected, step.num_active, len(finished), step.work,
             step.enqueue_time, input_prep_time=step.input_prep_time,
             latency_from=max(step.start, self._last_resolved),
             num_context_tokens=step.num_context_tokens,
@@ -370,14 +373,18 @@ class PyExecutor:
         return stats
 
     def _retire(self, finished: list[Request]) -> None:
-        """Free finished requests' KV and generators; move them to ``finished_requests``."""
+        """``_release`` finished requests and move them to ``finished_requests``."""
+        self._release(finished)
+        self.finished_requests.extend(finished)
+
+    def _release(self, finished: list[Request]) -> None:
+        """Free finished requests' KV and generators; drop them from ``active_requests``."""
         for request in finished:
             self.resource_manager.free_resources(request)
             self.decoder.release(request)
         if finished:
             done = set(finished)
             self.active_requests = [r for r in self.active_requests if r not in done]
-            self.finished_requests.extend(finished)
 
     def _schedule(self, wall_start: float) -> tuple[SchedulerOutput, float]:
         """The step's batch and the host seconds since ``wall_start``; the preempted are paused

@@ -234,3 +234,22 @@ def test_an_overlapped_step_never_waits_for_the_step_it_queues():
         torch.cuda.set_sync_debug_mode("default")
     llm.executor.run()
     assert all(r.num_output_tokens == 32 for r in requests)
+
+
+def test_overlap_closed_loop_sends_the_next_request_when_the_last_token_is_read():
+    """A request finished by length leaves the schedule at its last launch but joins
+    ``finished_requests`` only when its token is read: a closed loop sends the next one then."""
+    from harness.replay import replay
+    from harness.workload.base import RequestSpec, Workload
+
+    specs = tuple(RequestSpec(0.0, tuple(range(5 + i, 12 + i)), 3 + i % 3) for i in range(6))
+    llm = LLM(
+        "llama-tiny", device="cpu", dtype="float32", clock=VirtualClock(step_time=1.0),
+        overlap_scheduler=True,
+    )  # fmt: skip
+    requests = replay(llm, Workload("closed", specs, concurrency=2))
+    assert all(r.finish_reason is FinishReason.LENGTH for r in requests)
+    for request in requests:
+        assert request.finish_time == request.token_times[-1]
+    finish_times = {r.finish_time for r in requests}
+    assert all(r.arrival_time in finish_times for r in requests[2:])
