@@ -191,10 +191,12 @@ def assert_only_slots_written(pool: torch.Tensor, reference: torch.Tensor, slots
     torch.testing.assert_close(after[:, :, ~real], expected[:, :, ~real], rtol=0, atol=0)
 
 
-def test_a_whole_run_through_graph_buckets_equals_eager():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_whole_run_through_graph_buckets_equals_eager(overlap):
     """Preemption, prefix reuse, chunked prefill and decode batches of every size from 5 down to
     1: buckets 1, 2, 4 serve the decode-only steps of <= 4 sequences (3 pads to 4), the rest run
-    eagerly, and the greedy tokens equal an all-eager run."""
+    eagerly, and the greedy tokens equal an all-eager run. With overlap scheduling the graphs'
+    input ids come from the previous step's tokens on the device."""
     g = torch.Generator().manual_seed(7)
     system = torch.randint(3, 259, (12,), generator=g).tolist()
     prompts = [system + torch.randint(3, 259, (n,), generator=g).tolist() for n in (9, 2, 20, 5)]
@@ -209,7 +211,7 @@ def test_a_whole_run_through_graph_buckets_equals_eager():
     backend = "triton" if IS_CUDA else "torch"
     eager = make_llm(backend, **config).generate(prompts, params)
 
-    llm = make_llm(backend, **config)
+    llm = make_llm(backend, **config, overlap_scheduler=overlap)
     runner = attach_runner(llm, [1, 2, 4])
     buckets: list[tuple[int, int]] = []
     load = runner.load

@@ -127,9 +127,11 @@ def test_a_padded_mixed_step_equals_the_eager_one_and_writes_only_its_slots(pres
     assert_only_slots_written(kv.kv_pool, eager_pool, inputs.slot_mapping)
 
 
-def test_a_whole_run_through_piecewise_buckets_equals_eager():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_whole_run_through_piecewise_buckets_equals_eager(overlap):
     """Chunked prefill, prefix reuse and preemption: every step runs through the buckets (8 and
-    16 tokens), and the greedy tokens equal an all-eager run."""
+    16 tokens), and the greedy tokens equal an all-eager run, with or without overlap
+    scheduling (input ids filled from the previous step's tokens in the static buffer)."""
     g = torch.Generator().manual_seed(3)
     system = torch.randint(3, 259, (12,), generator=g).tolist()
     prompts = [system + torch.randint(3, 259, (n,), generator=g).tolist() for n in (9, 2, 20)]
@@ -138,7 +140,7 @@ def test_a_whole_run_through_piecewise_buckets_equals_eager():
     small_pool = dict(tokens_per_block=4, num_blocks=12, enable_block_reuse=True)  # preempts
     eager = make_llm(kv_cache_manager=small_pool).generate(prompts, params)
 
-    llm = make_llm(kv_cache_manager=small_pool)
+    llm = make_llm(kv_cache_manager=small_pool, overlap_scheduler=overlap)
     runner = attach(llm, [8, 16])
     buckets: list[tuple[int, int]] = []
     run = runner.run
