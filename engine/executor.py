@@ -178,11 +178,7 @@ class PyExecutor:
         ``overlap``, launches one step and returns the stats of the one before it."""
         if self.overlap:
             return self._step_overlap()
-        if not self.active_requests and self._arrivals:
-            self.clock.sleep_until(self._arrivals[0][0])
-        start = self.clock.now()
-        wall_start = time.perf_counter()
-        num_new, num_rejected = self._fetch_arrivals(start)
+        start, wall_start, num_new, num_rejected = self._admit_arrivals()
         if not self.active_requests:
             return None
         num_active = len(self.active_requests)
@@ -196,10 +192,7 @@ class PyExecutor:
             finished = self._resolve_stall(start)
         else:
             self._num_idle_steps = 0
-            for request in batch.context_requests:
-                if request.is_pending:
-                    request.start(start)
-            self.resource_manager.prepare_resources(batch)
+            self._prepare(batch, start)
             sampling_requests = batch.sampling_requests  # after prefix hits moved the counters
             logits = self.model_engine.forward(batch, self.kv_cache_manager)
             # On a GPU, forward returns once its kernels are queued; the decoder then waits for
@@ -208,10 +201,7 @@ class PyExecutor:
             work = self.model_engine.step_work(batch)
             new_tokens = self.decoder.decode(sampling_requests, logits)
             now = self.clock.now()
-            for request in batch.context_requests:
-                request.num_computed_tokens += request.context_chunk_size
-            for request in batch.generation_requests:
-                request.num_computed_tokens += 1
+            self._advance_counters(batch)
             for request, token_id in zip(sampling_requests, new_tokens, strict=True):
                 request.append_token(token_id, now)
                 reason = self._finish_reason(request, token_id)
@@ -242,11 +232,7 @@ class PyExecutor:
     # ---- overlap scheduling ------------------------------------------------------------------
     def _step_overlap(self) -> IterationStats | None:
         in_flight = self._in_flight
-        if not self.active_requests and self._arrivals and in_flight is None:
-            self.clock.sleep_until(self._arrivals[0][0])
-        start = self.clock.now()
-        wall_start = time.perf_counter()
-        num_new, num_rejected = self._fetch_arrivals(start)
+        start, wall_start, num_new, num_rejected = self._admit_arrivals()
         if not self.active_requests and in_flight is None:
             return None
         launched: InFlightStep | None = None
@@ -256,9 +242,9 @@ class PyExecutor:
             batch, scheduling_time = self._schedule(wall_start)
             if not batch.is_empty:
                 self._num_idle_steps = 0
-                launched = self._launch(batch, in_flight, start, scheduling_time)
-                launched.num_new, launched.num_rejected = num_new, num_rejected
-                launched.num_active = num_active
+                launched = self._launch(
+                    batch, in_flight, start, scheduling_time, num_new, num_rejected, num_active
+                )
             elif in_flight is None:  # nothing runs and nothing will change by itself
                 finished = self._resolve_stall(start)
                 self._retire(finished)
@@ -278,14 +264,15 @@ class PyExecutor:
         in_flight: InFlightStep | None,
         start: float,
         scheduling_time: float,
+        num_new: int,
+        num_rejected: int,
+        num_active: int,
     ) -> InFlightStep:
         """Queue ``batch`` on the device with the tokens of ``in_flight`` as its pending inputs,
         advance the counters, give each sampled request a pending token, and finish those that
-        reach ``max_new_tokens`` (their KV is free for the next step's schedule)."""
-        for request in batch.context_requests:
-            if request.is_pending:
-                request.start(start)
-        self.resource_manager.prepare_resources(batch)
+        reach ``max_new_tokens`` (their KV is free for the next step's schedule). The counts
+        are for the step's row."""
+        self._prepare(batch, start)
         sampling_requests = batch.sampling_requests
         forward_start = time.perf_counter()
         pending = in_flight.tokens if in_flight is not None and in_flight.rows else None
@@ -311,16 +298,13 @@ class PyExecutor:
             scheduling_time=scheduling_time,
             input_prep_time=self.model_engine.last_input_prep_time,
             enqueue_time=enqueue_time,
-            num_new=0,
-            num_rejected=0,
-            num_active=0,
+            num_new=num_new,
+            num_rejected=num_rejected,
+            num_active=num_active,
             work=self.model_engine.step_work(batch),
             num_context_tokens=batch.num_context_tokens,
         )
-        for request in batch.context_requests:
-            request.num_computed_tokens += request.context_chunk_size
-        for request in batch.generation_requests:
-            request.num_computed_tokens += 1
+        self._advance_counters(batch)
         for index, request in enumerate(sampling_requests):
             step.rows.append((request, request.num_output_tokens))
             request.append_pending_token(index)
@@ -371,6 +355,31 @@ class PyExecutor:
         )  # fmt: skip
         self._last_resolved = self.clock.now()
         return stats
+
+    # ---- the parts both loops share -----------------------------------------------------------
+    def _admit_arrivals(self) -> tuple[float, float, int, int]:
+        """With nothing running or in flight, sleep until the next arrival; then admit what has
+        arrived. Returns (clock time, perf_counter, num_new, num_rejected) at the step's start."""
+        if not self.active_requests and self._arrivals and self._in_flight is None:
+            self.clock.sleep_until(self._arrivals[0][0])
+        start = self.clock.now()
+        wall_start = time.perf_counter()
+        return start, wall_start, *self._fetch_arrivals(start)
+
+    def _prepare(self, batch: SchedulerOutput, start: float) -> None:
+        """Start the batch's new contexts and give every scheduled request its KV blocks."""
+        for request in batch.context_requests:
+            if request.is_pending:
+                request.start(start)
+        self.resource_manager.prepare_resources(batch)
+
+    @staticmethod
+    def _advance_counters(batch: SchedulerOutput) -> None:
+        """The step computed each context's chunk and each generation's last token."""
+        for request in batch.context_requests:
+            request.num_computed_tokens += request.context_chunk_size
+        for request in batch.generation_requests:
+            request.num_computed_tokens += 1
 
     def _retire(self, finished: list[Request]) -> None:
         """``_release`` finished requests and move them to ``finished_requests``."""

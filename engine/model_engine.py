@@ -277,6 +277,8 @@ class TorchModelEngine(ModelEngine):
     buckets replay graphs between eager attentions. Every other step runs eagerly.
     """
 
+    supports_overlap = True
+
     def __init__(self, model, device: torch.device, graph_runner=None, piecewise_runner=None):
         self.model = model  # PagedCausalLM
         self.device = device
@@ -290,8 +292,6 @@ class TorchModelEngine(ModelEngine):
 
     def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
         return self._last_work
-
-    supports_overlap = True
 
     def forward(
         self,

@@ -44,7 +44,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
@@ -390,23 +390,24 @@ class _Profiler:
 
     def _decode_group(self, context: int) -> None:
         """For each B: admit B requests, prefill them untimed, time their decodes, drain."""
-        started = time.perf_counter()
-        batch_sizes = sorted(self.grid.decode_batch_sizes)
-        shapes = [(b, [context] * b, f"B={b} c={context}") for b in batch_sizes]
-        self._log_group(f"decode  c={context}", map(self._decode_point, shapes), started)
+        shapes = [
+            (b, [context] * b, f"B={b} c={context}") for b in sorted(self.grid.decode_batch_sizes)
+        ]
+        self._decode_points(f"decode  c={context}", shapes)
 
     def _ragged_decode_group(self) -> None:
         """Each ragged point as a decode point: one sequence at k * c, the rest sharing what is
         left of B * c."""
-        started = time.perf_counter()
         shapes = [
             (b, ProfileGrid.ragged_contexts(b, c, k), f"B={b} c={c} skew={k}")
             for b, c, k in self.grid.ragged_decode_points
         ]
-        self._log_group("decode ragged", map(self._decode_point, shapes), started)
+        self._decode_points("decode ragged", shapes)
 
-    def _log_group(self, name: str, labels: Iterable[str | None], started: float) -> None:
-        measured = [label for label in labels if label is not None]  # runs the points
+    def _decode_points(self, name: str, shapes: list[tuple[int, list[int], str]]) -> None:
+        """Each shape as a ``_decode_point``, then one log line for those that ran."""
+        started = time.perf_counter()
+        measured = [label for shape in shapes if (label := self._decode_point(shape)) is not None]
         if measured:
             self._log(
                 f"{name}: {', '.join(measured)} "
