@@ -17,12 +17,20 @@
 # REAL_REPEAT=1 also runs the Azure window real twice (the real engine's run-to-run spread; its
 # fidelity table is in the tarball: a device call brings back 8 files).
 # PROFILE_FROM=engine/sim/profiles/h200/llama-1b.json uses that profile instead of profiling.
-# REAL_ARGS="executor.overlap_scheduler=true" adds overrides to the real runs only.
+# ARGS="executor.overlap_scheduler=false" adds overrides to every run, real and simulated (the
+# harness runs with overlap scheduling by default; a profile is calibrated for one mode).
+# REAL_ONLY=1 runs the real engine only (no profiling, simulation or calibration: do those on
+# any CPU from the tarball's real/ directories).
 set -uo pipefail
 OUT=${1:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
 MODEL=${2:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
 TRACE=${TRACE:-.traces/azure_llm_2023_conv.csv}
-RESULTS=${RESULTS:-$(mktemp -d)}
+# A new directory each call: a device machine may keep /tmp (and mktemp's names) from a previous one.
+RESULTS=${RESULTS:-/tmp/sim_calibration-$(date +%Y%m%d-%H%M%S)-$$}
+if [[ -e $RESULTS && -n $(ls -A "$RESULTS") ]]; then
+  echo "RESULTS=$RESULTS is not empty: the run directories found in it would be ambiguous" >&2
+  exit 2
+fi
 PROFILE=$OUT/$MODEL.json
 mkdir -p "$OUT"
 failed=()
@@ -37,25 +45,36 @@ step() {  # step NAME COMMAND...: run it, time it, remember a failure
   echo "=== $name: $((SECONDS - started)) s"
 }
 
-if [[ -n ${PROFILE_FROM:-} ]]; then  # a committed profile: skip the 3-minute profiling
-  cp "$PROFILE_FROM" "$PROFILE"
-else
-  step profile python -m engine.sim.profiler --model "$MODEL" --device cuda --out "$PROFILE"
-fi
-
 # fcfs_vs_maxutil as configured for a GPU; an Azure window at 10x its arrival rate (~55 req/s),
 # a load that queues.
 declare -A WORKLOADS=(
   [fcfs]="experiment=fcfs_vs_maxutil"
   [azure]="workload=azure workload.path=$TRACE workload.max_requests=600 workload.time_scale=0.1"
 )
+if [[ ${REAL_ONLY:-0} == 1 ]]; then
+  for name in fcfs azure; do
+    # shellcheck disable=SC2086  # a list of overrides
+    step "real $name" python -m harness ${WORKLOADS[$name]} model="$MODEL" ${ARGS:-} \
+      output_root="$RESULTS/real/$name-$MODEL" progress=false
+  done
+  tar -czf "$OUT/calibration-$MODEL.tar.gz" -C "$RESULTS" .
+  ((${#failed[@]} == 0)) || { printf 'failed: %s\n' "${failed[@]}"; exit 1; }
+  exit 0
+fi
+
+if [[ -n ${PROFILE_FROM:-} ]]; then  # a committed profile: skip the 3-minute profiling
+  cp "$PROFILE_FROM" "$PROFILE"
+else
+  step profile python -m engine.sim.profiler --model "$MODEL" --device cuda --out "$PROFILE"
+fi
+
 for name in fcfs azure; do
   args=${WORKLOADS[$name]}
   # shellcheck disable=SC2086  # args is a list of overrides
-  step "real $name" python -m harness $args model="$MODEL" ${REAL_ARGS:-} \
+  step "real $name" python -m harness $args model="$MODEL" ${ARGS:-} \
     output_root="$RESULTS/real/$name-$MODEL" progress=false
   # shellcheck disable=SC2086
-  step "sim $name" python -m harness $args model="$MODEL" executor.engine=sim \
+  step "sim $name" python -m harness $args model="$MODEL" ${ARGS:-} executor.engine=sim \
     executor.profile="$PROFILE" output_root="$RESULTS/sim/$name-$MODEL" progress=false
   real=$(find "$RESULTS/real/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
   sim=$(find "$RESULTS/sim/$name-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
@@ -82,7 +101,7 @@ for name in fcfs azure; do
     --profile "$PROFILE" --out "$calibrated"
   # shellcheck disable=SC2086
   step "sim $other, calibrated with $name" python -m harness ${WORKLOADS[$other]} model="$MODEL" \
-    executor.engine=sim executor.profile="$calibrated" \
+    ${ARGS:-} executor.engine=sim executor.profile="$calibrated" \
     output_root="$RESULTS/simcal/$other-$MODEL" progress=false
   real=$(find "$RESULTS/real/$other-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
   sim=$(find "$RESULTS/simcal/$other-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
@@ -95,7 +114,7 @@ done
 # engine's own run-to-run spread, the floor under any simulator's error.
 if [[ ${REAL_REPEAT:-0} == 1 ]]; then
   # shellcheck disable=SC2086
-  step "real azure again" python -m harness ${WORKLOADS[azure]} model="$MODEL" ${REAL_ARGS:-} \
+  step "real azure again" python -m harness ${WORKLOADS[azure]} model="$MODEL" ${ARGS:-} \
     output_root="$RESULTS/real2/azure-$MODEL" progress=false
   first=$(find "$RESULTS/real/azure-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)
   again=$(find "$RESULTS/real2/azure-$MODEL" -mindepth 2 -maxdepth 2 -type d | head -1)

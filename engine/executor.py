@@ -20,6 +20,15 @@ sampled id (``fill_pending_tokens``). A request that reaches ``max_new_tokens`` 
 finishes at its launch (it is known); one that samples a stop token in step n is seen only after
 step n+1 was queued with it, and that one extra token is dropped. ``step()`` then returns the
 row of the step it read back (n), one step behind the one it launched.
+
+Lagged admission (``lagged_admission=True``, the simulated engine's stand-in for overlap when it
+fast-forwards): the plain loop, but as overlap scheduling sees the world. Step n+1 admits only
+the requests that arrived by the start of step n (overlap schedules it then) and stamps them
+scheduled at that time, and the KV manager's ``update_resources`` for step n runs after step
+n+1's ``prepare_resources`` and frees (overlap reads step n back only then). With no stop
+tokens (the simulator's outputs are placeholders), every request's times equal those of the
+overlap loop on the simulated engine's virtual device (tested); host time is not modeled
+either way.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ class InFlightStep:
     tokens: torch.Tensor  # [len(rows)] int64, on the device
     host_tokens: torch.Tensor  # the same, copied to (pinned) host memory once `copied` passes
     copied: torch.cuda.Event | None  # None on CPU
+    began: torch.cuda.Event | None  # recorded before the forward (CUDA): device_time
     start: float  # clock time at scheduling
     forward_start: float  # perf_counter at the forward's start
     scheduling_time: float
@@ -63,12 +73,22 @@ class InFlightStep:
     num_context_tokens: int
     length_finished: list[Request] = field(default_factory=list)  # finished at launch, in order
     void: set[Request] = field(default_factory=set)  # stopped before: their row is dropped
+    host_time: float = 0.0  # the launching iteration's, the wait left out (set at its end)
 
-    def read_tokens(self) -> list[int]:
-        """Wait for this step's tokens only (not for steps queued after it)."""
+    def read_tokens(self) -> tuple[list[int], float]:
+        """Wait for this step's tokens only (not for steps queued after it); returns them and
+        the seconds waited."""
+        waited_from = time.perf_counter()
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host_tokens.tolist()
+        values = self.host_tokens.tolist()  # the simulated engine's waits here
+        return values, time.perf_counter() - waited_from
+
+    @property
+    def device_time(self) -> float:
+        if self.began is None or self.copied is None:
+            return float("nan")
+        return self.began.elapsed_time(self.copied) / 1e3
 
 
 # Steps in a row that schedule nothing while requests hold KV before the executor gives up: a
@@ -86,13 +106,19 @@ class PyExecutor:
         clock: Clock | None = None,
         eos_token_id: int | None = None,
         overlap: bool = False,
+        lagged_admission: bool = False,
     ):
+        if overlap and lagged_admission:
+            raise ValueError("overlap and lagged_admission exclude each other")
         if overlap and not model_engine.supports_overlap:
             raise ValueError(
                 f"overlap scheduling needs a model engine that reads pending tokens on the "
                 f"device; {type(model_engine).__name__} does not"
             )
         self.overlap = overlap
+        self.lagged_admission = lagged_admission
+        self._last_step_start: float | None = None  # lagged: the last step's start, if it ran
+        self._unread_batch: SchedulerOutput | None = None  # lagged: its update_resources is due
         self._in_flight: InFlightStep | None = None
         self._last_resolved = float("-inf")  # clock time the last in-flight step was read
         self.model_engine = model_engine
@@ -101,6 +127,9 @@ class PyExecutor:
         self.resource_manager = resource_manager
         self.kv_cache_manager = resource_manager.kv_cache_manager
         self.clock = clock or WallClock()
+        device = getattr(model_engine, "device", None)
+        # CUDA events time each step on the device (IterationStats.device_time).
+        self._times_device = isinstance(device, torch.device) and device.type == "cuda"
         self.eos_token_id = eos_token_id
         self.active_requests: list[Request] = []  # arrived, unfinished, in arrival order
         self.finished_requests: list[Request] = []
@@ -178,28 +207,38 @@ class PyExecutor:
         ``overlap``, launches one step and returns the stats of the one before it."""
         if self.overlap:
             return self._step_overlap()
-        start, wall_start, num_new, num_rejected = self._admit_arrivals()
+        start, admitted_at, wall_start, num_new, num_rejected = self._admit_arrivals()
         if not self.active_requests:
             return None
         num_active = len(self.active_requests)
         batch, scheduling_time = self._schedule(wall_start)
+        self._last_step_start = None if batch.is_empty else start
 
         forward_start = time.perf_counter()
         finished: list[Request] = []
         work = (0.0, 0, 0)  # the row's (context_attention, decode_kv_tokens, max_decode_kv)
-        enqueue_time = 0.0
+        enqueue_time = waited = 0.0
+        device_time = float("nan")
         if batch.is_empty:
+            self._read_unread()
             finished = self._resolve_stall(start)
         else:
             self._num_idle_steps = 0
-            self._prepare(batch, start)
+            self._prepare(batch, admitted_at)
             sampling_requests = batch.sampling_requests  # after prefix hits moved the counters
+            began = self._device_mark()
             logits = self.model_engine.forward(batch, self.kv_cache_manager)
             # On a GPU, forward returns once its kernels are queued; the decoder then waits for
             # them. A step whose forward_time is close to this is bound by the host.
             enqueue_time = time.perf_counter() - forward_start
             work = self.model_engine.step_work(batch)
+            decode_start = time.perf_counter()
             new_tokens = self.decoder.decode(sampling_requests, logits)
+            waited = time.perf_counter() - decode_start  # the wait, with sampling's launches
+            if began is not None:
+                ended = self._device_mark()
+                ended.synchronize()
+                device_time = began.elapsed_time(ended) / 1e3
             now = self.clock.now()
             self._advance_counters(batch)
             for request, token_id in zip(sampling_requests, new_tokens, strict=True):
@@ -208,10 +247,14 @@ class PyExecutor:
                 if reason is not None:
                     request.finish(reason, now)
                     finished.append(request)
-            self.resource_manager.update_resources(batch)
+            if not self.lagged_admission:
+                self.resource_manager.update_resources(batch)
         forward_time = time.perf_counter() - forward_start
 
         self._retire(finished)
+        if self.lagged_admission and not batch.is_empty:
+            self._read_unread()
+            self._unread_batch = batch
         stats = self._record(
             batch,
             start,
@@ -223,6 +266,8 @@ class PyExecutor:
             len(finished),
             work,
             enqueue_time,
+            host_time=time.perf_counter() - wall_start - waited,
+            device_time=device_time,
         )
         self.clock.tick()
         if self.decode_run is not None and not batch.is_empty:
@@ -232,7 +277,7 @@ class PyExecutor:
     # ---- overlap scheduling ------------------------------------------------------------------
     def _step_overlap(self) -> IterationStats | None:
         in_flight = self._in_flight
-        start, wall_start, num_new, num_rejected = self._admit_arrivals()
+        start, _, wall_start, num_new, num_rejected = self._admit_arrivals()
         if not self.active_requests and in_flight is None:
             return None
         launched: InFlightStep | None = None
@@ -252,8 +297,11 @@ class PyExecutor:
                     batch, start, scheduling_time, 0.0, num_new, num_rejected, num_active,
                     len(finished), (0.0, 0, 0), 0.0,
                 )  # fmt: skip
+        waited = 0.0
         if in_flight is not None:
-            stats = self._resolve(in_flight, launched)
+            stats, waited = self._resolve(in_flight, launched)
+        if launched is not None:
+            launched.host_time = time.perf_counter() - wall_start - waited
         self._in_flight = launched
         self.clock.tick()
         return stats
@@ -273,9 +321,12 @@ class PyExecutor:
         reach ``max_new_tokens`` (their KV is free for the next step's schedule). The counts
         are for the step's row."""
         self._prepare(batch, start)
+        if in_flight is None:  # the device was idle: this step's time runs from its start
+            self._last_resolved = start
         sampling_requests = batch.sampling_requests
         forward_start = time.perf_counter()
         pending = in_flight.tokens if in_flight is not None and in_flight.rows else None
+        began = self._device_mark()
         logits = self.model_engine.forward(batch, self.kv_cache_manager, pending)
         tokens = self.decoder.sample(sampling_requests, logits)
         copied = None
@@ -284,7 +335,7 @@ class PyExecutor:
             # Queued right behind this step's sampling, so reading it waits for this step only.
             host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host_tokens.copy_(tokens, non_blocking=True)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(enable_timing=True)
             copied.record()
         enqueue_time = time.perf_counter() - forward_start
         step = InFlightStep(
@@ -293,6 +344,7 @@ class PyExecutor:
             tokens=tokens,
             host_tokens=host_tokens,
             copied=copied,
+            began=began,
             start=start,
             forward_start=forward_start,
             scheduling_time=scheduling_time,
@@ -316,10 +368,13 @@ class PyExecutor:
         self._release(step.length_finished)
         return step
 
-    def _resolve(self, step: InFlightStep, launched: InFlightStep | None) -> IterationStats:
+    def _resolve(
+        self, step: InFlightStep, launched: InFlightStep | None
+    ) -> tuple[IterationStats, float]:
         """Read ``step``'s tokens, finish the requests that sampled a stop token (dropping the
-        token ``launched`` samples for them), and record ``step``'s row."""
-        values = step.read_tokens()
+        token ``launched`` samples for them), and record ``step``'s row. Returns the row and
+        the seconds spent waiting for the tokens."""
+        values, waited = step.read_tokens()
         now = self.clock.now()
         finished: list[Request] = []  # in row order
         stopped: list[Request] = []  # of those, the ones still scheduled: release them
@@ -352,19 +407,38 @@ class PyExecutor:
             step.enqueue_time, input_prep_time=step.input_prep_time,
             latency_from=max(step.start, self._last_resolved),
             num_context_tokens=step.num_context_tokens,
+            host_time=step.host_time, device_time=step.device_time,
         )  # fmt: skip
         self._last_resolved = self.clock.now()
-        return stats
+        return stats, waited
 
     # ---- the parts both loops share -----------------------------------------------------------
-    def _admit_arrivals(self) -> tuple[float, float, int, int]:
+    def _admit_arrivals(self) -> tuple[float, float, float, int, int]:
         """With nothing running or in flight, sleep until the next arrival; then admit what has
-        arrived. Returns (clock time, perf_counter, num_new, num_rejected) at the step's start."""
+        arrived. Returns (clock time, admission time, perf_counter, num_new, num_rejected) at
+        the step's start; the admission time is the clock time but with lagged admission."""
         if not self.active_requests and self._arrivals and self._in_flight is None:
             self.clock.sleep_until(self._arrivals[0][0])
         start = self.clock.now()
         wall_start = time.perf_counter()
-        return start, wall_start, *self._fetch_arrivals(start)
+        admitted_at = start
+        if self.lagged_admission and self._last_step_start is not None:
+            admitted_at = self._last_step_start
+        num_new, num_rejected = self._fetch_arrivals(admitted_at)
+        if admitted_at < start and not self.active_requests:
+            # Overlap would launch nothing here, read the step in flight, and schedule again
+            # at `start`: so does the lagged loop.
+            self._read_unread()
+            admitted_at = start
+            more_new, more_rejected = self._fetch_arrivals(start)
+            num_new, num_rejected = num_new + more_new, num_rejected + more_rejected
+        return start, admitted_at, wall_start, num_new, num_rejected
+
+    def _read_unread(self) -> None:
+        """Lagged admission: the last step's ``update_resources``, due when overlap reads it."""
+        if self._unread_batch is not None:
+            self.resource_manager.update_resources(self._unread_batch)
+            self._unread_batch = None
 
     def _prepare(self, batch: SchedulerOutput, start: float) -> None:
         """Start the batch's new contexts and give every scheduled request its KV blocks."""
@@ -404,6 +478,14 @@ class PyExecutor:
             self.resource_manager.free_resources(request)
             request.pause()
         return batch, scheduling_time
+
+    def _device_mark(self) -> torch.cuda.Event | None:
+        """A timing event recorded on the current CUDA stream, or None off CUDA."""
+        if not self._times_device:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _is_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
@@ -458,6 +540,8 @@ class PyExecutor:
         input_prep_time: float | None = None,
         latency_from: float | None = None,
         num_context_tokens: int | None = None,
+        host_time: float = 0.0,
+        device_time: float = float("nan"),
     ) -> IterationStats:
         """One row. ``input_prep_time``: default the model engine's last; ``latency_from``: the
         clock time the step's latency counts from (default ``start``; with overlap, when the
@@ -501,6 +585,8 @@ class PyExecutor:
             decode_kv_tokens=work[1],
             max_decode_kv=work[2],
             forward_enqueue_time=enqueue_time,
+            host_time=host_time,
+            device_time=device_time,
         )
         self._num_iterations += 1
         self.iteration_stats.append(stats)

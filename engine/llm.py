@@ -138,7 +138,11 @@ class LLM:
     ``max_tokens``, or ``free_gpu_memory_fraction`` of the profile's free memory). Outputs
     are placeholder tokens; lengths follow ``max_new_tokens``. ``sim_fast_forward``: advance runs
     of identical decode steps in one go (exact; only with policies that declare
-    ``steady_decode``, see ``engine.sim.fast_forward``).
+    ``steady_decode``, see ``engine.sim.fast_forward``). With ``overlap_scheduler`` the simulator
+    runs the overlap loop on a virtual device, or with ``sim_fast_forward`` the plain loop with
+    the admission overlap gives it (``PyExecutor(lagged_admission=True)``; the same request
+    times, tested). Simulate overlap with a profile calibrated on overlap runs: their step
+    times are the device's, where plain runs' include the host's.
     """
 
     def __init__(
@@ -164,14 +168,8 @@ class LLM:
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        if overlap_scheduler and engine == "sim":
-            raise ValueError(
-                "overlap_scheduler=True hides the host's work behind the device's; the simulated "
-                "engine has no device (its profile's step times already include the host): use "
-                "overlap_scheduler=False with engine='sim' (harness: executor.overlap_scheduler="
-                "false)"
-            )
         self.engine = engine
+        self._overlap_scheduler = overlap_scheduler
         self.microbatch_scheduler = registry.build("microbatch_scheduler", microbatch_scheduler)
         self.capacity_scheduler = registry.build(
             "capacity_scheduler",
@@ -189,6 +187,8 @@ class LLM:
                 enforce_eager, cuda_graph_batch_sizes, piecewise_cuda_graphs, piecewise_token_sizes
             )
             decoder, clock = Decoder(seed), clock or WallClock()
+        # The simulator fast-forwards only the plain loop: there it emulates overlap (exactly).
+        lagged = overlap_scheduler and engine == "sim" and sim_fast_forward
         self.executor = PyExecutor(
             self.model_engine,
             decoder,
@@ -196,7 +196,8 @@ class LLM:
             ResourceManager(self.kv_cache_manager),
             clock=clock,
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
-            overlap=overlap_scheduler,
+            overlap=overlap_scheduler and not lagged,
+            lagged_admission=lagged,
         )
         if engine == "sim" and sim_fast_forward and is_steady(self.executor):
             self.executor.decode_run = fast_forward_decodes
@@ -301,6 +302,7 @@ class LLM:
         self.profile = profile
         if profile is not None:
             self._warn_beyond_profile(profile)
+            self._warn_other_mode(profile)
         self.model_name = str(model)
         self.tokenizer = load_tokenizer(model)
         self.device = torch.device("meta")  # nothing is allocated
@@ -319,7 +321,19 @@ class LLM:
         clock = clock or VirtualClock()
         vocab_size, max_seq_len = model_limits(model)
         self.model_engine = SimModelEngine(cost_model, clock, vocab_size, max_seq_len)
-        return SimDecoder(), clock
+        return SimDecoder(clock), clock
+
+    def _warn_other_mode(self, profile) -> None:
+        """A profile calibrated with (without) overlap scheduling simulates runs with (without)
+        it: a step's time means something else in the other mode (``harness.calibrate``)."""
+        mode = profile.overlap_scheduler
+        if mode is not None and mode != self._overlap_scheduler:
+            log.warning(
+                "the profile was calibrated on runs %s overlap scheduling, this run is %s it: "
+                "its step times are off (use a profile of this mode)",
+                "with" if mode else "without",
+                "with" if self._overlap_scheduler else "without",
+            )
 
     def _warn_beyond_profile(self, profile) -> None:
         """A run whose steps can be larger than any profiled one extrapolates its step times:

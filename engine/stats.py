@@ -46,6 +46,13 @@ class IterationStats:
     # host time until model_engine.forward returned: its kernels queued, not necessarily run
     # (part of forward_time; the rest is mostly the wait for the device)
     forward_enqueue_time: float = 0.0
+    # Real engines. host_time: the host's busy time for the step, the wait for the device left
+    # out (with overlap: the loop iteration that launched it). device_time: from the device
+    # reaching the step's first kernel to its tokens' copy (CUDA events; NaN off CUDA), idle
+    # gaps while the host queues kernels included. With overlap, a step holds the pipeline for
+    # max(host_time, device_time): the time a simulator calibrates to (harness.calibrate).
+    host_time: float = 0.0
+    device_time: float = float("nan")
 
     @property
     def num_scheduled_tokens(self) -> int:

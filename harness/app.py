@@ -77,22 +77,25 @@ def model_source(cfg: DictConfig) -> str:
     return cfg.model.path if cfg.model.path else cfg.model.name
 
 
-def sim_profile(cfg: DictConfig):
+def sim_profile_path(cfg: DictConfig) -> Path:
     """The profile a simulated run fits its step times to (``executor.profile``, else the
-    committed one for ``executor.sim_device`` and the model)."""
-    from engine.sim import Profile, available_profiles, default_profile_path
+    committed one for ``executor.sim_device``, the model and the overlap mode)."""
+    from engine.sim import available_profiles, default_profile_path
 
     if cfg.executor.profile:
-        return Profile.load(cfg.executor.profile)
-    path = default_profile_path(cfg.model.name, cfg.executor.sim_device)
+        return Path(cfg.executor.profile)
+    overlap = cfg.executor.overlap_scheduler
+    path = default_profile_path(cfg.model.name, cfg.executor.sim_device, overlap)
     if not path.is_file():
+        mode = "with" if overlap else "without"
         raise ValueError(
-            f"no profile for model {cfg.model.name!r} on {cfg.executor.sim_device!r} ({path}); "
-            f"available: {', '.join(available_profiles()) or 'none'}. Make one on that GPU with "
-            f"python -m engine.sim.profiler --model {cfg.model.name} --out {path}, or pass "
-            "executor.profile=FILE"
+            f"no profile for model {cfg.model.name!r} on {cfg.executor.sim_device!r} {mode} "
+            f"overlap scheduling ({path}); available: {', '.join(available_profiles()) or 'none'} "
+            f"(.overlap: executor.overlap_scheduler=true). Make one on that GPU with "
+            f"python -m engine.sim.profiler --model {cfg.model.name} and python -m "
+            "harness.calibrate (bench/sim_calibration.sh), or pass executor.profile=FILE"
         )
-    return Profile.load(path)
+    return path
 
 
 def tokenizer_for(cfg: DictConfig):
@@ -136,12 +139,13 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
 
     started = time.perf_counter()
     if is_sim:
+        info["profile"] = str(sim_profile_path(cfg))
         llm = LLM(
             model_source(cfg),
             engine="sim",
-            cost_model=sim_profile(cfg),
+            cost_model=info["profile"],
             seed=cfg.seed,
-            overlap_scheduler=cfg.executor.overlap_scheduler,  # an error: say so, not ignore it
+            overlap_scheduler=cfg.executor.overlap_scheduler,
             **parts,
         )
     else:

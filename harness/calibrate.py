@@ -10,6 +10,13 @@ with those steps added as ``serving`` steps (at most ``--max-steps`` of each kin
 spread over the run) and their sources under ``calibration``; the cost model then fits each kind
 of step to the serving steps where it has enough of them (``engine.sim.profile.MIN_SERVING_STEPS``).
 
+Runs with overlap scheduling (``executor.overlap_scheduler=true``) are calibrated to what a step
+holds the pipeline for, ``max(host_time, device_time)`` (``IterationStats``): the host prepares
+step n+1 while the device runs step n, so the time between two reads is the longer of step n's
+device time and step n+1's host time, one step's work charged to another's row. The profile
+records which mode its serving steps came from; calibrate a profile with runs of one mode, and
+simulate that mode with it.
+
 Why: the profiler times each batch shape alone, from an idle GPU, on sequences of one length. A
 serving step also carries ragged lengths, a pool that has been in use for minutes and steps back
 to back; on the H200 the same counts took 4-17% longer in serving runs than in the profile. A fit
@@ -51,11 +58,20 @@ def runs_under(path: str | Path) -> list[RunResult]:
     return [result] if isinstance(result, RunResult) else list(result.runs)
 
 
+def is_overlap_run(run: RunResult) -> bool:
+    return bool((run.config.get("executor") or {}).get("overlap_scheduler", False))
+
+
+def is_simulated(run: RunResult) -> bool:
+    return run.info.get("engine", "torch") == "sim"
+
+
 def serving_steps(run: RunResult, model: str) -> pd.DataFrame:
     """The steps of ``run`` that ran a batch: the ``StepFeatures`` columns, ``kind``,
-    ``seconds`` (the step's wall time) and ``host_seconds`` (its host time until the forward's
-    kernels were queued). Raises ``ValueError`` naming the run when it is not of ``model`` or
-    predates the recorded work columns."""
+    ``seconds`` (the step's wall time; with overlap, the longer of its host and device times)
+    and ``host_seconds`` (its host time until the forward's kernels were queued). Raises
+    ``ValueError`` naming the run when it is not of ``model`` or predates the recorded work
+    columns."""
     run_model = (run.config.get("model") or {}).get("name") or run.info.get("model")
     if run_model is not None and run_model != model:
         raise ValueError(f"{run.path}: a run of model {run_model!r}, not {model!r}")
@@ -65,12 +81,21 @@ def serving_steps(run: RunResult, model: str) -> pd.DataFrame:
             f"{run.path}: iterations.parquet has no decode_kv_tokens column (recorded since "
             "2026-11-28); run the real engine again"
         )
+    # A simulated step's latency is its predicted time, in either mode.
+    overlap = is_overlap_run(run) and not is_simulated(run)
+    if overlap and "host_time" not in steps:
+        raise ValueError(
+            f"{run.path}: an overlap run without host_time / device_time columns (recorded "
+            "since 2026-11-28); run the real engine again"
+        )
     steps = steps[(steps.num_context_tokens > 0) | (steps.num_generation_requests > 0)]
     columns = {field: steps.get(column, 0) for field, column in FEATURE_COLUMNS.items()}
     frame = pd.DataFrame(columns, index=steps.index)
     has_context, has_decodes = frame.num_context_tokens > 0, frame.num_decode_seqs > 0
     frame["kind"] = np.select([~has_context, ~has_decodes], ["decode", "prefill"], "mixed")
-    frame["seconds"] = steps.step_latency
+    # fmax: device_time is NaN off CUDA, where the host's time holds everything
+    seconds = np.fmax(steps.host_time, steps.device_time) if overlap else steps.step_latency
+    frame["seconds"] = seconds
     frame["host_seconds"] = steps.get("forward_enqueue_time", 0.0)
     return frame.reset_index(drop=True)
 
@@ -93,7 +118,7 @@ def check_real_run(run: RunResult, profile: Profile) -> None:
     """A run of the real engine on the profile's GPU; raises ``ValueError`` naming the run."""
     if run.status != "ok":
         raise ValueError(f"{run.path}: the run failed ({run.info.get('error')})")
-    if run.info.get("engine", "torch") != "torch":
+    if is_simulated(run):
         raise ValueError(f"{run.path}: a simulated run; calibrate with runs of the real engine")
     hardware = run.info.get("hardware")
     if hardware is None:
@@ -123,6 +148,14 @@ def calibrate(
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     tables = []
+    modes = {is_overlap_run(run) for run in runs} | {
+        source.get("overlap_scheduler", False) for source in profile.calibration
+    }
+    if len(modes) > 1:
+        raise ValueError(
+            "runs with and without overlap scheduling (the profile's own serving steps "
+            "included): their step times mean different things; calibrate with one mode"
+        )
     for run in runs:
         check_real_run(run, profile)
         steps = serving_steps(run, profile.model)
@@ -137,6 +170,7 @@ def calibrate(
             "hardware": run.info.get("hardware"),
             "num_steps": len(steps),
             "num_used": len(rows),
+            "overlap_scheduler": is_overlap_run(run),
         }
         profile = profile.with_serving_steps(rows, source)
     return profile, pd.concat(tables, ignore_index=True)

@@ -62,10 +62,12 @@ class ExecutorConfig:
     piecewise_cuda_graphs: bool | None = None
     piecewise_token_sizes: list[int] | None = None
     # Schedule and prepare step n+1 while the GPU runs step n (TensorRT-LLM's overlap scheduler,
-    # vLLM's async scheduling); engine=torch only.
-    overlap_scheduler: bool = False
+    # vLLM's async scheduling). engine=sim simulates it (with a profile calibrated on overlap
+    # runs: <model>.overlap.json).
+    overlap_scheduler: bool = True
     # engine=sim: the profile to fit step times to (null: engine/sim/profiles/<sim_device>/
-    # <model>.json, made by python -m engine.sim.profiler)
+    # <model>.json, or <model>.overlap.json with overlap_scheduler; made by python -m
+    # engine.sim.profiler and python -m harness.calibrate)
     profile: str | None = None
     sim_device: str = "h200"  # the GPU our runs use since 2026-11-28 (h100 also committed)
 

@@ -136,7 +136,7 @@ def test_cli_calibrates_with_a_real_run_and_refuses_the_wrong_runs(tmp_path: Pat
     """A real run on the CPU: its steps become serving steps (capped by --max-steps), the table
     shows the bias before and after, and the decode fit then uses them alone. A profile of
     another device or model, or a missing directory, is refused with the reason."""
-    run = cpu_run(tmp_path)
+    run = cpu_run(tmp_path, "executor.overlap_scheduler=false")
     assert json.loads((run / "run.json").read_text())["hardware"] == "cpu"  # what is checked
     iterations = pd.read_parquet(run / "iterations.parquet")
     has_work = (iterations.num_context_tokens + iterations.num_generation_requests) > 0
@@ -183,3 +183,26 @@ def test_cli_refuses_a_simulated_run(tmp_path: Path, capsys):
     assert json.loads((run / "run.json").read_text())["hardware"] == "Synthetic GPU"
     assert main([str(run), "--profile", str(profile), "--out", str(tmp_path / "c.json")]) == 2
     assert "a simulated run" in capsys.readouterr().err
+
+
+def test_an_overlap_run_is_calibrated_to_its_steps_host_or_device_time(tmp_path: Path, capsys):
+    """With overlap the time between two reads mixes two steps' work, so an overlap run's steps
+    are calibrated to max(host_time, device_time): on the CPU (no device timing) the host's.
+    One profile takes runs of one mode only."""
+    run = cpu_run(tmp_path, "executor.overlap_scheduler=true")
+    iterations = pd.read_parquet(run / "iterations.parquet")
+    worked = iterations[(iterations.num_context_tokens + iterations.num_generation_requests) > 0]
+    assert worked.device_time.isna().all() and (worked.host_time > 0).all()
+    profile = dataclasses.replace(synthetic_profile("llama-tiny"), device="cpu")
+    profile.save(tmp_path / "p.json")
+    out = tmp_path / "calibrated.json"
+    assert main([str(run), "--profile", str(tmp_path / "p.json"), "--out", str(out)]) == 0
+    calibrated = Profile.load(out)
+    serving = [row for row in calibrated.steps if row.get("kind") == SERVING]
+    assert [r["seconds"] for r in serving] == worked.host_time.tolist()
+    assert calibrated.calibration[0]["overlap_scheduler"] is True
+    capsys.readouterr()
+
+    plain = cpu_run(tmp_path / "plain", "executor.overlap_scheduler=false")
+    assert main([str(plain), "--profile", str(out), "--out", str(tmp_path / "mixed.json")]) == 2
+    assert "with and without overlap scheduling" in capsys.readouterr().err

@@ -322,40 +322,50 @@ def test_sim_engine_without_a_profile_says_how_to_make_one(tmp_path: Path):
     )
     assert proc.returncode == 2
     assert "no profile for model 'llama-8b' on 'a100'" in proc.stderr + proc.stdout
-    available = "available: h100/llama-1b, h100/llama-8b, h200/llama-1b, h200/llama-8b"
+    available = (
+        "available: h100/llama-1b, h100/llama-8b, h200/llama-1b, h200/llama-1b.overlap, "
+        "h200/llama-8b, h200/llama-8b.overlap"
+    )
     assert available in proc.stderr + proc.stdout
     assert "python -m engine.sim.profiler" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
 
 
-def test_sim_engine_runs_on_the_committed_h200_profile(tmp_path: Path):
-    """No executor.profile: engine/sim/profiles/h200/llama-8b.json, measured on the H200."""
+@pytest.mark.parametrize("overlap", [True, False])
+def test_sim_engine_runs_on_the_committed_h200_profile(tmp_path: Path, overlap: bool):
+    """No executor.profile: engine/sim/profiles/h200/llama-8b.json, measured on the H200, or
+    llama-8b.overlap.json with overlap scheduling (the default)."""
     out = tmp_path / "out"
     harness(
         out,
         "executor.engine=sim",
         "model=llama-8b",
         "workload.num_requests=40",
+        f"executor.overlap_scheduler={str(overlap).lower()}",
         "progress=false",
     )
     run = load(only_dir(out / "default"))
     assert run.info["status"] == "ok" and run.info["engine"] == "sim"
     assert run.info["device"] == "sim (NVIDIA H200)"
+    name = "llama-8b.overlap.json" if overlap else "llama-8b.json"
+    assert run.info["profile"].endswith(f"engine/sim/profiles/h200/{name}")
     assert len(run.requests) == 40 and (run.requests["e2el_ms"] > 0).all()
 
 
-def test_overlap_scheduling_runs_from_the_config(tmp_path: Path):
+def test_overlap_scheduling_can_be_turned_off(tmp_path: Path):
     out = tmp_path / "out"
-    harness(out, "executor.overlap_scheduler=true", *SHRINK, "progress=false")
+    harness(out, "executor.overlap_scheduler=false", *SHRINK, "progress=false")
     run = load(only_dir(out / "default"))
-    assert run.info["status"] == "ok" and run.config["executor"]["overlap_scheduler"] is True
+    assert run.info["status"] == "ok" and run.config["executor"]["overlap_scheduler"] is False
     assert len(run.requests) == 6 and (run.requests["status"] == "complete").all()
     assert run.iterations["num_context_tokens"].sum() > 0
 
 
-def test_overlap_with_the_sim_engine_is_a_clear_error(tmp_path: Path):
-    proc = harness(
-        tmp_path, "executor.engine=sim", "executor.overlap_scheduler=true", expect_ok=False
-    )
-    assert proc.returncode == 2
-    assert "executor.overlap_scheduler=false" in proc.stderr and "Traceback" not in proc.stderr
+def test_overlap_scheduling_is_the_default(tmp_path: Path):
+    from harness.config import ExecutorConfig
+
+    assert ExecutorConfig().overlap_scheduler is True
+    out = tmp_path / "out"
+    harness(out, *SHRINK, "progress=false")
+    run = load(only_dir(out / "default"))
+    assert run.config["executor"]["overlap_scheduler"] is True

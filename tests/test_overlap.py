@@ -176,9 +176,21 @@ def test_overlap_returns_each_steps_row_one_call_late_and_drops_the_token_after_
         assert wasted == executors[False].model_engine.num_forward_tokens + extra
 
 
-def test_overlap_with_the_simulated_engine_is_an_error():
-    with pytest.raises(ValueError, match="overlap_scheduler=True"):
-        LLM("llama-tiny", engine="sim", overlap_scheduler=True)
+def test_overlap_step_latencies_restart_with_a_new_clock():
+    """A replay gives the executor a fresh clock after its warm-up: the first step's latency runs
+    from its own start, not from the last read on the old clock."""
+    executor = _fake_executor(overlap=True)
+    for run in range(2):
+        executor.clock = VirtualClock(step_time=1.0, start=0.0)
+        executor.enqueue_requests(
+            [
+                Request(10 * run + i, [7, 8, 9 + i], SamplingParams(max_new_tokens=5))
+                for i in range(3)
+            ]
+        )
+        executor.run()
+    latencies = executor.iteration_stats.columns()["step_latency"]
+    assert len(latencies) == 10 and min(latencies) > 0
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -207,6 +219,10 @@ def test_overlap_on_cuda_graphs_gives_the_same_tokens():
         outputs[overlap] = [o.token_ids for o in llm.generate(prompts, params)]
         assert llm.model_engine.num_graph_steps > 0
         assert llm.model_engine.piecewise_runner.num_steps > 0
+        # Every step timed on the device (CUDA events) and on the host.
+        rows = llm.executor.iteration_stats.columns()
+        assert all(0 < t < 10 for t in rows["device_time"])
+        assert all(0 < t < 10 for t in rows["host_time"])
     assert outputs[True] == outputs[False]
 
 

@@ -268,6 +268,8 @@ HOST_TIME_FIELDS = {  # wall, not simulated
     "forward_time",
     "input_prep_time",
     "forward_enqueue_time",
+    "host_time",
+    "device_time",  # NaN, which equals nothing
 }
 
 
@@ -490,3 +492,86 @@ def test_real_and_simulated_engines_record_the_same_work_for_the_same_schedule()
     assert rows["torch"] == rows["sim"]
     assert any(a > 0 for a, _, _ in rows["sim"]) and any(kv > 0 for _, kv, _ in rows["sim"])
     assert any(0 < longest < kv for _, kv, longest in rows["sim"])  # several decodes
+
+
+def queue_rows(outputs) -> list[tuple]:
+    return [(o.metrics.first_scheduled_time, o.metrics.num_cached_tokens) for o in outputs]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=sim_cases())
+def test_simulated_overlap_is_the_overlap_loop_with_or_without_fast_forward(case):
+    """Overlap scheduling simulated three ways gives every request the same times: the overlap
+    loop itself on the virtual device (``sim_fast_forward=False``), and the plain loop with
+    lagged admission, stepped and fast-forwarded."""
+    prompt_lens, out_lens, gaps, shared, config = case
+    if config["microbatch_scheduler"]["max_num_tokens"] is None:
+        config["microbatch_scheduler"]["chunking"] = None
+    prompts = [
+        [7] * shared + [10 + (i * 31 + j) % 200 for j in range(n)]
+        for i, n in enumerate(prompt_lens)
+    ]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in out_lens]
+    arrivals = [sum(gaps[: i + 1]) for i in range(len(gaps))]
+    profile = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
+    runs = []
+    for mode in ("overlap loop", "lagged", "lagged, fast-forwarded"):
+        llm = LLM(
+            "llama-tiny",
+            engine="sim",
+            cost_model=profile,
+            overlap_scheduler=True,
+            sim_fast_forward=mode != "overlap loop",
+            **config,
+        )
+        executor = llm.executor
+        assert executor.overlap == (mode == "overlap loop")
+        assert executor.lagged_admission == (mode != "overlap loop")
+        if mode == "lagged":
+            executor.decode_run = None
+        outputs = llm.generate(prompts, params, arrival_times=arrivals)
+        llm.kv_cache_manager.check_integrity()
+        assert llm.kv_cache_manager.num_free_blocks == llm.kv_cache_manager.num_blocks
+        runs.append((request_rows(outputs), queue_rows(outputs)))
+    assert runs[1] == runs[0]
+    assert runs[2] == runs[0]
+
+
+def test_simulated_overlap_schedules_a_new_arrival_one_step_later():
+    """A request arriving while another decodes: the plain loop runs its prefill in the next
+    step; overlap scheduling has already queued that step, so the prefill runs in the one after.
+    The virtual device runs the steps back to back either way."""
+    profile = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
+    prompts = [[11] * 20, [12] * 30]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    arrivals = [0.0, 1e-4]  # while the first request's prefill runs
+    for overlap, prefill_row in ((False, 1), (True, 2)):
+        for fast in (False, True):
+            llm = LLM(
+                "llama-tiny",
+                engine="sim",
+                cost_model=profile,
+                overlap_scheduler=overlap,
+                sim_fast_forward=fast,
+                kv_cache_manager=dict(max_tokens=2048),
+            )
+            outputs = llm.generate(prompts, params, arrival_times=arrivals)
+            rows = llm.executor.iteration_stats.columns()
+            assert rows["num_context_tokens"][prefill_row] == 30
+            assert sum(rows["num_context_tokens"][:prefill_row]) == 20
+            ends = np.cumsum(rows["step_latency"])  # back to back from t=0
+            assert outputs[1].metrics.first_token_time == pytest.approx(ends[prefill_row])
+
+
+@pytest.mark.parametrize("calibrated_with_overlap", [True, False])
+def test_a_profile_of_the_other_mode_is_warned_about(caplog, calibrated_with_overlap):
+    profile = dataclasses.replace(
+        synthetic_profile("llama-tiny"),
+        calibration=[{"run": "somewhere", "overlap_scheduler": calibrated_with_overlap}],
+    )
+    assert profile.overlap_scheduler is calibrated_with_overlap
+    for overlap in (True, False):
+        caplog.clear()
+        LLM("llama-tiny", engine="sim", cost_model=profile, overlap_scheduler=overlap)
+        warned = "calibrated on runs" in caplog.text
+        assert warned == (overlap != calibrated_with_overlap)

@@ -464,12 +464,15 @@ def test_profile_load_non_positive_seconds(tmp_path, seconds):
 
 # ---- the committed profiles ---------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["llama-1b", "llama-8b"])
-@pytest.mark.parametrize("device", ["h100", "h200"])
-def test_committed_profiles_fit_their_own_serving_steps(device, model):
-    """engine/sim/profiles/<device>/<model>.json, measured on that GPU (python -m
-    engine.sim.profiler; the H200 ones with piecewise CUDA graphs, the engine's default)."""
-    assert f"{device}/{model}" in available_profiles()
-    profile = Profile.load(default_profile_path(model, device))
+@pytest.mark.parametrize("device, overlap", [("h100", False), ("h200", False), ("h200", True)])
+def test_committed_profiles_fit_their_own_serving_steps(device, overlap, model):
+    """engine/sim/profiles/<device>/<model>[.overlap].json, measured on that GPU (python -m
+    engine.sim.profiler; the H200 ones with piecewise CUDA graphs, the engine's default), the
+    .overlap ones calibrated on runs with overlap scheduling."""
+    path = default_profile_path(model, device, overlap)
+    assert f"{device}/{path.stem}" in available_profiles()
+    profile = Profile.load(path)
+    assert profile.overlap_scheduler is (overlap if profile.calibration else None)
     assert profile.model == model and device.upper() in profile.device
     assert profile.dtype == "bfloat16"
     assert profile.command.startswith(f"python -m engine.sim.profiler --model {model}")

@@ -1,14 +1,27 @@
 """The simulated engine: the real executor and policies, with a step's time predicted.
 
 ``SimModelEngine.forward`` computes no logits: it turns the scheduled batch into
-``StepFeatures``, asks its ``CostModel`` for the step's time and advances the executor's
-``VirtualClock`` by it, so every timestamp the executor stamps afterwards (first token, token
-times, finish) is simulated time. ``SimDecoder`` returns the same placeholder token for every
-request: outputs carry no content, and their lengths come from ``max_new_tokens`` (as with
-``ignore_eos``), which is how workloads give them anyway.
+``StepFeatures``, asks its ``CostModel`` for the step's time and queues the step on a virtual
+device; the decoder's read of the step's tokens moves the executor's ``VirtualClock`` to the
+step's end, so every timestamp the executor stamps afterwards (first token, token times, finish)
+is simulated time. The virtual device runs steps back to back, so overlap scheduling works as on
+a GPU: a step queued while another runs starts when that one ends::
+
+    plain    host    schedule n | wait ........ | schedule n+1 | wait ......... |
+             device             | .. step n ... |              | .. step n+1 .. |
+    overlap  host    schedule n+1 | wait for n .. | schedule n+2 | wait for n+1 . |
+             device  .. step n .. | ... step n+1 ............... | ... step n+2 ..
+
+Host time is not modeled apart: a profile's step times carry what the host adds (in plain runs,
+the host's time and then the device's; with overlap, the longer of the two, see
+``engine.stats.IterationStats.host_time``). ``SimDecoder`` returns the same placeholder token
+for every request: outputs carry no content, and their lengths come from ``max_new_tokens`` (as
+with ``ignore_eos``), which is how workloads give them anyway.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from engine.clock import VirtualClock
 from engine.kv_cache import KVCacheManager
@@ -23,6 +36,8 @@ PLACEHOLDER_TOKEN = -1
 
 
 class SimModelEngine(ModelEngine):
+    supports_overlap = True  # tokens are placeholders: nothing pending to fill
+
     def __init__(
         self, cost_model: CostModel, clock: VirtualClock, vocab_size: int, max_seq_len: int
     ):
@@ -31,6 +46,7 @@ class SimModelEngine(ModelEngine):
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.last_step_seconds = 0.0
+        self.device_free_at = 0.0  # virtual time the device ends the last step queued on it
         self._features = StepFeatures()
 
     def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
@@ -38,8 +54,13 @@ class SimModelEngine(ModelEngine):
         return features.context_attention, features.decode_kv_tokens, features.max_decode_kv
 
     def forward(
-        self, batch: SchedulerOutput, kv_cache_manager: KVCacheManager, pending_tokens: None = None
-    ) -> None:
+        self,
+        batch: SchedulerOutput,
+        kv_cache_manager: KVCacheManager,
+        pending_tokens: object = None,
+    ) -> float:
+        """Queue the step on the virtual device; returns the virtual time its tokens are ready
+        (what ``SimDecoder`` reads in place of logits)."""
         self._features = features = StepFeatures.of(batch)
         seconds = self.cost_model.predict(features)
         if not seconds > 0:
@@ -48,15 +69,36 @@ class SimModelEngine(ModelEngine):
                 f"({features}); a step must take a positive time"
             )
         self.last_step_seconds = seconds
-        self.clock.advance(seconds)
-        return None
+        self.device_free_at = max(self.clock.now(), self.device_free_at) + seconds
+        return self.device_free_at
+
+
+@dataclass(slots=True)
+class SimTokens:
+    """A simulated step's sampled tokens: placeholders, read once the step has ended."""
+
+    count: int
+    ready_at: float
+    clock: VirtualClock
+    is_cuda = False  # read directly, no copy to the host (``engine.executor``)
+
+    def tolist(self) -> list[int]:
+        self.clock.sleep_until(self.ready_at)
+        return [PLACEHOLDER_TOKEN] * self.count
 
 
 class SimDecoder:
-    """The decoder of the simulated engine: one placeholder token per sampling request."""
+    """The decoder of the simulated engine: one placeholder token per sampling request, read
+    at the virtual time ``SimModelEngine.forward`` returned."""
 
-    def decode(self, requests: list[Request], logits: None) -> list[int]:
-        return [PLACEHOLDER_TOKEN] * len(requests)
+    def __init__(self, clock: VirtualClock):
+        self.clock = clock
+
+    def decode(self, requests: list[Request], ready_at: float) -> list[int]:
+        return self.sample(requests, ready_at).tolist()
+
+    def sample(self, requests: list[Request], ready_at: float) -> SimTokens:
+        return SimTokens(len(requests), ready_at, self.clock)
 
     def release(self, request: Request) -> None:
         pass

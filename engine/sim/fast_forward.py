@@ -13,6 +13,9 @@ token times, same iteration rows (host-time columns aside), same KV blocks::
                         of the soonest one is left to a normal step);  the KV manager is
                         called only on "event" steps, where some request's new token starts
                         a block (allocation) or fills one (prefix-cache registration)
+
+With lagged admission (overlap scheduling emulated, ``engine.executor``) step j admits the
+arrivals up to t_(j-1), so the run goes on while t_(j-1) < next arrival.
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
                 "input_prep_time": 0.0,
                 "context_attention": 0.0,
                 "forward_enqueue_time": 0.0,
+                "host_time": 0.0,
+                "device_time": float("nan"),
             },
         )
         row_iterations.clear()
@@ -140,10 +145,14 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
         row_kv_tokens.clear()
         row_max_kv.clear()
 
+    # A step admits the arrivals up to its own start; with lagged admission (overlap emulated),
+    # up to the start of the step before it.
+    lagged = executor.lagged_admission
+    last_start = executor._last_step_start  # the normal step's, which ran just before
     done = 0
     while done < max_steps:
         start = clock.now()
-        if start >= next_arrival:
+        if (last_start if lagged else start) >= next_arrival:
             break
         if new_blocks[done] > num_free:  # the capacity policy might preempt: step normally
             break
@@ -175,6 +184,8 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
         executor._num_iterations += 1
         clock.tick()
         done += 1
+        last_start = start
+    executor._last_step_start = last_start
     apply_tokens()
     write_rows()
     return done

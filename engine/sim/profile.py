@@ -57,6 +57,13 @@ class Profile:
     created: str = ""
     calibration: list[dict[str, Any]] = field(default_factory=list)  # serving steps' sources
 
+    @property
+    def overlap_scheduler(self) -> bool | None:
+        """Whether its serving steps came from runs with overlap scheduling; None: no serving
+        steps (the profiler times steps alone, which fits neither mode exactly)."""
+        modes = {bool(source.get("overlap_scheduler", False)) for source in self.calibration}
+        return modes.pop() if len(modes) == 1 else None
+
     def samples(self) -> list[tuple[StepFeatures, float]]:
         return [
             (
@@ -128,9 +135,11 @@ class Profile:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def default_profile_path(model: str, device: str) -> Path:
-    """``engine/sim/profiles/<device>/<model>.json`` (device: a short name such as ``h100``)."""
-    return PROFILE_DIR / device / f"{model}.json"
+def default_profile_path(model: str, device: str, overlap: bool = False) -> Path:
+    """``engine/sim/profiles/<device>/<model>.json`` (device: a short name such as ``h100``),
+    calibrated on runs without overlap scheduling; ``<model>.overlap.json`` with it (a step's
+    time is then the longer of its host and device times, ``harness.calibrate``)."""
+    return PROFILE_DIR / device / f"{model}{'.overlap' if overlap else ''}.json"
 
 
 def available_profiles() -> list[str]:
