@@ -209,6 +209,7 @@ class PyExecutor:
             return self._step_overlap()
         start, admitted_at, wall_start, num_new, num_rejected = self._admit_arrivals()
         if not self.active_requests:
+            self._read_unread()
             return None
         num_active = len(self.active_requests)
         batch, scheduling_time = self._schedule(wall_start)

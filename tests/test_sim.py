@@ -317,9 +317,8 @@ def sim_cases(draw):
     return prompt_lens, out_lens, gaps, shared, config
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=sim_cases())
-def test_fast_forward_changes_nothing(case):
+def case_workload(case) -> tuple[list[list[int]], list[SamplingParams], list[float], dict]:
+    """A ``sim_cases`` draw as (prompts, params, arrival times, LLM config)."""
     prompt_lens, out_lens, gaps, shared, config = case
     if config["microbatch_scheduler"]["max_num_tokens"] is None:
         config["microbatch_scheduler"]["chunking"] = None
@@ -329,6 +328,13 @@ def test_fast_forward_changes_nothing(case):
     ]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in out_lens]
     arrivals = [sum(gaps[: i + 1]) for i in range(len(gaps))]
+    return prompts, params, arrivals, config
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=sim_cases())
+def test_fast_forward_changes_nothing(case):
+    prompts, params, arrivals, config = case_workload(case)
     profile = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
     runs = []
     for fast in (False, True):
@@ -504,15 +510,7 @@ def test_simulated_overlap_is_the_overlap_loop_with_or_without_fast_forward(case
     """Overlap scheduling simulated three ways gives every request the same times: the overlap
     loop itself on the virtual device (``sim_fast_forward=False``), and the plain loop with
     lagged admission, stepped and fast-forwarded."""
-    prompt_lens, out_lens, gaps, shared, config = case
-    if config["microbatch_scheduler"]["max_num_tokens"] is None:
-        config["microbatch_scheduler"]["chunking"] = None
-    prompts = [
-        [7] * shared + [10 + (i * 31 + j) % 200 for j in range(n)]
-        for i, n in enumerate(prompt_lens)
-    ]
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in out_lens]
-    arrivals = [sum(gaps[: i + 1]) for i in range(len(gaps))]
+    prompts, params, arrivals, config = case_workload(case)
     profile = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
     runs = []
     for mode in ("overlap loop", "lagged", "lagged, fast-forwarded"):

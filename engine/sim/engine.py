@@ -7,10 +7,10 @@ step's end, so every timestamp the executor stamps afterwards (first token, toke
 is simulated time. The virtual device runs steps back to back, so overlap scheduling works as on
 a GPU: a step queued while another runs starts when that one ends::
 
-    plain    host    schedule n | wait ........ | schedule n+1 | wait ......... |
-             device             | .. step n ... |              | .. step n+1 .. |
-    overlap  host    schedule n+1 | wait for n .. | schedule n+2 | wait for n+1 . |
-             device  .. step n .. | ... step n+1 ............... | ... step n+2 ..
+    virtual time      t0             t1               t2
+    device            |--- step n ---|--- step n+1 ---|
+    plain loop        step n+1 scheduled at t1 (after step n's tokens), n+2 at t2
+    overlap loop      step n+1 scheduled at t0 (while step n runs),     n+2 at t1
 
 Host time is not modeled apart: a profile's step times carry what the host adds (in plain runs,
 the host's time and then the device's; with overlap, the longer of the two, see
