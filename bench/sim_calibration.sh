@@ -19,8 +19,9 @@
 # PROFILE_FROM=engine/sim/profiles/h200/llama-1b.json uses that profile instead of profiling.
 # ARGS="executor.overlap_scheduler=false" adds overrides to every run, real and simulated (the
 # harness runs with overlap scheduling by default; a profile is calibrated for one mode).
-# REAL_ONLY=1 runs the real engine only (no profiling, simulation or calibration: do those on
-# any CPU from the tarball's real/ directories).
+# REAL_ONLY=1 runs the real engine only (no profiling, simulation or calibration), and
+# REAL_FROM=DIR (that tarball, extracted) does the rest from its real/ runs on any CPU:
+#   REAL_FROM=DIR PROFILE_FROM=GRID bash bench/sim_calibration.sh OUT llama-8b
 set -uo pipefail
 OUT=${1:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
 MODEL=${2:?usage: bash bench/sim_calibration.sh OUT_DIR MODEL}
@@ -32,7 +33,10 @@ if [[ -e $RESULTS && -n $(ls -A "$RESULTS") ]]; then
   exit 2
 fi
 PROFILE=$OUT/$MODEL.json
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$RESULTS"
+if [[ -n ${REAL_FROM:-} ]]; then
+  cp -r "$REAL_FROM/real" "$RESULTS/real" || exit 2
+fi
 failed=()
 
 step() {  # step NAME COMMAND...: run it, time it, remember a failure
@@ -70,9 +74,11 @@ fi
 
 for name in fcfs azure; do
   args=${WORKLOADS[$name]}
-  # shellcheck disable=SC2086  # args is a list of overrides
-  step "real $name" python -m harness $args model="$MODEL" ${ARGS:-} \
-    output_root="$RESULTS/real/$name-$MODEL" progress=false
+  if [[ -z ${REAL_FROM:-} ]]; then
+    # shellcheck disable=SC2086  # args is a list of overrides
+    step "real $name" python -m harness $args model="$MODEL" ${ARGS:-} \
+      output_root="$RESULTS/real/$name-$MODEL" progress=false
+  fi
   # shellcheck disable=SC2086
   step "sim $name" python -m harness $args model="$MODEL" ${ARGS:-} executor.engine=sim \
     executor.profile="$PROFILE" output_root="$RESULTS/sim/$name-$MODEL" progress=false
@@ -112,7 +118,7 @@ for name in fcfs azure; do
 done
 # REAL_REPEAT=1: the Azure window real a second time, compared with the first run: the real
 # engine's own run-to-run spread, the floor under any simulator's error.
-if [[ ${REAL_REPEAT:-0} == 1 ]]; then
+if [[ ${REAL_REPEAT:-0} == 1 && -z ${REAL_FROM:-} ]]; then
   # shellcheck disable=SC2086
   step "real azure again" python -m harness ${WORKLOADS[azure]} model="$MODEL" ${ARGS:-} \
     output_root="$RESULTS/real2/azure-$MODEL" progress=false
