@@ -203,6 +203,12 @@ def test_an_overlap_run_is_calibrated_to_its_steps_host_or_device_time(tmp_path:
     assert calibrated.calibration[0]["overlap_scheduler"] is True
     capsys.readouterr()
 
+    iterations.drop(columns=["host_time", "device_time"]).to_parquet(run / "old.parquet")
+    (run / "iterations.parquet").unlink()
+    (run / "old.parquet").rename(run / "iterations.parquet")
+    assert main([str(run), "--profile", str(tmp_path / "p.json"), "--out", str(out)]) == 2
+    assert "an overlap run without host_time / device_time" in capsys.readouterr().err
+
     plain = cpu_run(tmp_path / "plain", "executor.overlap_scheduler=false")
     assert main([str(plain), "--profile", str(out), "--out", str(tmp_path / "mixed.json")]) == 2
     assert "with and without overlap scheduling" in capsys.readouterr().err
