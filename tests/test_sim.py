@@ -176,14 +176,15 @@ def reference_prompts(num: int, vocab: int = 30000) -> list[list[int]]:
     return [torch.randint(10, vocab, (int(n),), generator=g).tolist() for n in lengths]
 
 
-def test_sim_is_deterministic_and_times_follow_the_law():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sim_is_deterministic_and_times_follow_the_law(overlap):
     profile = synthetic_profile("llama-8b")
     prompts = reference_prompts(64)
     params = [SamplingParams(max_new_tokens=16 + i % 40, ignore_eos=True) for i in range(64)]
     arrivals = [0.05 * i for i in range(64)]
     runs = []
     for _ in range(2):
-        llm = sim_llm(profile, capacity_scheduler="max_utilization")
+        llm = sim_llm(profile, capacity_scheduler="max_utilization", overlap_scheduler=overlap)
         outputs = llm.generate(prompts, params, arrival_times=arrivals)
         runs.append(([o.metrics for o in outputs], llm.executor.iteration_stats))
     assert runs[0][0] == runs[1][0]
