@@ -116,6 +116,7 @@ class DecodeGraphRunner:
         # What each row of _block_tables holds (its first len(row) columns); padding rows may
         # hold any valid block ids (a padding sequence reads one key of its row's block 0).
         self._held_rows: list[list[int] | None] = [None] * rows
+        self._held_keys: list[int | None] = [None] * rows  # the request each row was sent for
         self.last_num_rows_sent = 0  # block-table rows the last load sent (for tests, reports)
         self._arange = torch.arange(rows + 1, dtype=torch.int64, device=device)
         self._staging = StagingBuffer(device, capacity=4 * rows + rows * width)
@@ -147,7 +148,12 @@ class DecodeGraphRunner:
         from one decode step to the next the batch is mostly the same sequences in the same
         order, and a sequence gains a block only every ``tokens_per_block`` tokens, so at 256
         sequences a step sends a few rows instead of ~10,000 block ids. Columns past a row's
-        blocks are never read, so a changed row is written only up to its own length.
+        blocks are never read, so a changed row is written only up to its own length. When a
+        sequence leaves, those after it move up a row: with ``host.row_keys`` the held rows
+        are moved on the device (one gather) instead of sent again::
+
+            held   keys 10 11 12 13          gather rows [0, 2, 3]      send what still
+            batch  keys 10 12 13      ->     table  10 12 13 (13)  ->   differs (none here)
         """
         num_seqs = host.num_seqs
         bucket = self.bucket_for(num_seqs)
@@ -158,8 +164,10 @@ class DecodeGraphRunner:
         values += host.slot_mapping + [-1] * extra
         values += host.seq_lens + [1] * extra
         held = self._held_rows
+        moved = self._move_rows(host.row_keys)
         changed = [i for i, row in enumerate(host.block_rows) if row != held[i]]
         width = max((len(host.block_rows[i]) for i in changed), default=0)
+        values += moved
         values += changed
         for i in changed:
             row = host.block_rows[i]
@@ -172,13 +180,36 @@ class DecodeGraphRunner:
         self._vectors[:, :bucket].copy_(staged[: 4 * bucket].view(4, bucket))
         if pending_tokens is not None:
             fill_pending_tokens(self._vectors[0, :num_seqs], pending_tokens)
+        offset = 4 * bucket
+        if moved:  # a gather (it copies) before the write: rows may swap
+            self._block_tables[:num_seqs] = self._block_tables[staged[offset : offset + num_seqs]]
+            offset += num_seqs
         if changed:
             num_changed = len(changed)
-            rows = staged[4 * bucket + num_changed :].view(num_changed, width)
+            rows = staged[offset + num_changed :].view(num_changed, width)
             self._block_tables[:, :width].index_copy_(
-                0, staged[4 * bucket : 4 * bucket + num_changed], rows
+                0, staged[offset : offset + num_changed], rows
             )
         return bucket
+
+    def _move_rows(self, keys: list[int]) -> list[int]:
+        """For each sequence of the batch (by ``keys``), the row that holds its blocks now, if
+        any row moved; else an empty list. Moves ``_held_rows`` the same way. Which row a key
+        maps to is only a guess at what saves sending: the rows sent next are decided by
+        comparing contents."""
+        held_keys = self._held_keys
+        num_seqs = len(keys)
+        if not keys or keys == held_keys[:num_seqs]:
+            return []
+        # First occurrence: a row past the last batch's end may hold a stale copy of a key.
+        where = {key: i for i, key in reversed(list(enumerate(held_keys))) if key is not None}
+        sources = [where.get(key, i) for i, key in enumerate(keys)]
+        held_keys[:num_seqs] = keys
+        if all(source == i for i, source in enumerate(sources)):
+            return []
+        held = self._held_rows
+        held[:num_seqs] = [held[source] for source in sources]
+        return sources
 
     def replay(self, bucket: int, kv_pool: torch.Tensor) -> torch.Tensor:
         """Logits [bucket, vocab] of the loaded batch (a static buffer: read it before the next

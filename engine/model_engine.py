@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -104,6 +104,9 @@ class HostBatch:
     block_rows: list[Sequence[int]]  # the KV manager's own rows: read them this step only
     num_context_seqs: int
     num_context_tokens: int
+    # One key per sequence (its request id), so a runner that keeps rows on the device can tell
+    # a row that moved from one that changed; empty: unknown.
+    row_keys: list[int] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -211,6 +214,8 @@ def flatten_batch(batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> H
         block_rows=block_rows,
         num_context_seqs=len(batch.context_requests),
         num_context_tokens=batch.num_context_tokens,
+        row_keys=[r.request_id for r in batch.context_requests]
+        + [r.request_id for r in generations],
     )
 
 

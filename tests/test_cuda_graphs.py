@@ -377,3 +377,45 @@ def test_fast_launch_gives_the_same_tokens(preset):
             kernels.use_fast_launch(previous)
         assert (fast > 0) == enabled, fast
     assert results[True] == results[False]
+
+
+def test_rows_that_move_up_are_moved_on_the_device_not_sent_again():
+    """With the requests' keys, a sequence leaving the batch moves the rows after it up by a
+    gather on the device; only rows whose blocks differ are sent. Stale rows past the batch's
+    end never stand in for a key's current row."""
+    from engine.model_engine import HostBatch
+
+    llm = make_llm("torch")
+    runner = attach_runner(llm, [4], capture=False)
+
+    def host(rows: list[list[int]], keys: list[int]) -> HostBatch:
+        n = len(rows)
+        lens = [4 * len(r) - 1 for r in rows]
+        return HostBatch(
+            input_ids=[7] * n,
+            positions=[s - 1 for s in lens],
+            slot_mapping=[r[-1] * 4 + 2 for r in rows],
+            query_start_loc=list(range(n + 1)),
+            seq_lens=lens,
+            logits_indices=list(range(n)),
+            block_rows=rows,
+            num_context_seqs=0,
+            num_context_tokens=0,
+            row_keys=keys,
+        )
+
+    def table_rows(rows):
+        return [runner._block_tables[i, : len(r)].tolist() for i, r in enumerate(rows)]
+
+    first = [[1, 2], [3], [4, 5, 6], [7]]
+    runner.load(host(first, [10, 11, 12, 13]))
+    assert runner.last_num_rows_sent == 4 and table_rows(first) == first
+    left = [[1, 2], [4, 5, 6], [7]]  # 11 left: 12 and 13 move up
+    runner.load(host(left, [10, 12, 13]))
+    assert runner.last_num_rows_sent == 0 and table_rows(left) == left
+    grown = [[1, 2], [4, 5, 6], [7, 9], [8]]  # 13 gained a block, 14 joined in the stale row
+    runner.load(host(grown, [10, 12, 13, 14]))
+    assert runner.last_num_rows_sent == 2 and table_rows(grown) == grown
+    swapped = [[7, 9], [1, 2], [8], [4, 5, 6]]
+    runner.load(host(swapped, [13, 10, 14, 12]))
+    assert runner.last_num_rows_sent == 0 and table_rows(swapped) == swapped
