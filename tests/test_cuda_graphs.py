@@ -78,28 +78,33 @@ def test_bucket_choice_and_eligibility():
     assert not runner.can_run(flatten_batch(too_many, kv))  # 5 > the largest bucket
 
 
+def decode_batch(rows: list[list[int]], keys: list[int] | None = None):
+    """A decode-only ``HostBatch`` of sequences holding ``rows`` of blocks (4 tokens a block,
+    one slot free in the last), with request ids ``keys`` (None: unknown)."""
+    from engine.model_engine import HostBatch
+
+    n = len(rows)
+    lens = [4 * len(r) - 1 for r in rows]
+    return HostBatch(
+        input_ids=[7] * n,
+        positions=[s - 1 for s in lens],
+        slot_mapping=[r[-1] * 4 + 2 for r in rows],
+        query_start_loc=list(range(n + 1)),
+        seq_lens=lens,
+        logits_indices=list(range(n)),
+        block_rows=rows,
+        num_context_seqs=0,
+        num_context_tokens=0,
+        row_keys=keys or [],
+    )
+
+
 def test_block_table_rows_are_sent_only_when_they_change():
     """A decode step sends the block-table rows that differ from the table's: none for the same
     batch again, one for a sequence that gained a block, the moved ones for a new order."""
-    from engine.model_engine import HostBatch
-
     llm = make_llm("torch")
     runner = attach_runner(llm, [4], capture=False)
-
-    def host(rows: list[list[int]]) -> HostBatch:
-        n = len(rows)
-        lens = [4 * len(r) - 1 for r in rows]
-        return HostBatch(
-            input_ids=[7] * n,
-            positions=[s - 1 for s in lens],
-            slot_mapping=[r[-1] * 4 + 2 for r in rows],
-            query_start_loc=list(range(n + 1)),
-            seq_lens=lens,
-            logits_indices=list(range(n)),
-            block_rows=rows,
-            num_context_seqs=0,
-            num_context_tokens=0,
-        )
+    host = decode_batch
 
     def table_rows(rows):
         return [runner._block_tables[i, : len(r)].tolist() for i, r in enumerate(rows)]
@@ -383,26 +388,9 @@ def test_rows_that_move_up_are_moved_on_the_device_not_sent_again():
     """With the requests' keys, a sequence leaving the batch moves the rows after it up by a
     gather on the device; only rows whose blocks differ are sent. Stale rows past the batch's
     end never stand in for a key's current row."""
-    from engine.model_engine import HostBatch
-
     llm = make_llm("torch")
     runner = attach_runner(llm, [4], capture=False)
-
-    def host(rows: list[list[int]], keys: list[int]) -> HostBatch:
-        n = len(rows)
-        lens = [4 * len(r) - 1 for r in rows]
-        return HostBatch(
-            input_ids=[7] * n,
-            positions=[s - 1 for s in lens],
-            slot_mapping=[r[-1] * 4 + 2 for r in rows],
-            query_start_loc=list(range(n + 1)),
-            seq_lens=lens,
-            logits_indices=list(range(n)),
-            block_rows=rows,
-            num_context_seqs=0,
-            num_context_tokens=0,
-            row_keys=keys,
-        )
+    host = decode_batch
 
     def table_rows(rows):
         return [runner._block_tables[i, : len(r)].tolist() for i, r in enumerate(rows)]
