@@ -86,9 +86,14 @@ class InFlightStep:
 
     @property
     def device_time(self) -> float:
-        if self.began is None or self.copied is None:
-            return float("nan")
-        return self.began.elapsed_time(self.copied) / 1e3
+        return device_seconds(self.began, self.copied)
+
+
+def device_seconds(began: torch.cuda.Event | None, ended: torch.cuda.Event | None) -> float:
+    """Seconds between two passed timing events; NaN without them (off CUDA)."""
+    if began is None or ended is None:
+        return float("nan")
+    return began.elapsed_time(ended) / 1e3
 
 
 # Steps in a row that schedule nothing while requests hold KV before the executor gives up: a
@@ -219,7 +224,7 @@ class PyExecutor:
         finished: list[Request] = []
         work = (0.0, 0, 0)  # the row's (context_attention, decode_kv_tokens, max_decode_kv)
         enqueue_time = waited = 0.0
-        device_time = float("nan")
+        began = ended = None
         if batch.is_empty:
             self._read_unread()
             finished = self._resolve_stall(start)
@@ -239,7 +244,6 @@ class PyExecutor:
             if began is not None:
                 ended = self._device_mark()
                 ended.synchronize()
-                device_time = began.elapsed_time(ended) / 1e3
             now = self.clock.now()
             self._advance_counters(batch)
             for request, token_id in zip(sampling_requests, new_tokens, strict=True):
@@ -268,7 +272,7 @@ class PyExecutor:
             work,
             enqueue_time,
             host_time=time.perf_counter() - wall_start - waited,
-            device_time=device_time,
+            device_time=device_seconds(began, ended),
         )
         self.clock.tick()
         if self.decode_run is not None and not batch.is_empty:

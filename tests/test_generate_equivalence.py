@@ -59,12 +59,17 @@ def reference(request):
     return loaded.hf_model, prompts, expected
 
 
-@pytest.mark.parametrize("enable_block_reuse", [False, True], ids=["noreuse", "reuse"])
-@pytest.mark.parametrize("chunking", CHUNKING, ids=["nochunk", "fcfs", "equal"])
-@pytest.mark.parametrize("capacity", CAPACITY)
-def test_greedy_matches_transformers(reference, capacity, chunking, enable_block_reuse):
-    hf_model, prompts, expected = reference
-    llm = LLM(
+def reference_llm(
+    hf_model,
+    capacity: str,
+    chunking: str | None,
+    *,
+    enable_block_reuse: bool = True,
+    overlap: bool = False,
+) -> LLM:
+    """The float64 CPU engine the transformers comparisons run: 4 sequences, small token
+    budget (16 chunked, 32 not), 4-token blocks."""
+    return LLM(
         hf_model,
         device="cpu",
         dtype="float64",
@@ -75,7 +80,16 @@ def test_greedy_matches_transformers(reference, capacity, chunking, enable_block
         kv_cache_manager=dict(
             tokens_per_block=4, num_blocks=16, enable_block_reuse=enable_block_reuse
         ),
+        overlap_scheduler=overlap,
     )
+
+
+@pytest.mark.parametrize("enable_block_reuse", [False, True], ids=["noreuse", "reuse"])
+@pytest.mark.parametrize("chunking", CHUNKING, ids=["nochunk", "fcfs", "equal"])
+@pytest.mark.parametrize("capacity", CAPACITY)
+def test_greedy_matches_transformers(reference, capacity, chunking, enable_block_reuse):
+    hf_model, prompts, expected = reference
+    llm = reference_llm(hf_model, capacity, chunking, enable_block_reuse=enable_block_reuse)
     outputs = llm.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True))
     assert [o.token_ids for o in outputs] == expected
     assert all(o.finish_reason == "length" for o in outputs)

@@ -27,6 +27,7 @@ from tests.test_generate_equivalence import (
     CHUNKING,
     MAX_NEW_TOKENS,
     reference,  # noqa: F401  (a fixture)
+    reference_llm,
 )
 
 
@@ -36,18 +37,8 @@ def test_fill_pending_tokens_takes_the_previous_steps_rows():
     assert ids.tolist() == [5, 17, 9, 30]
 
 
-def _llm(hf_model, capacity, chunking, overlap, num_blocks=16):
-    return LLM(
-        hf_model,
-        device="cpu",
-        dtype="float64",
-        capacity_scheduler=capacity,
-        microbatch_scheduler=dict(
-            max_batch_size=4, max_num_tokens=16 if chunking else 32, chunking=chunking
-        ),
-        kv_cache_manager=dict(tokens_per_block=4, num_blocks=num_blocks, enable_block_reuse=True),
-        overlap_scheduler=overlap,
-    )
+def _llm(hf_model, capacity, chunking, overlap):
+    return reference_llm(hf_model, capacity, chunking, overlap=overlap)
 
 
 @pytest.mark.parametrize("chunking", CHUNKING, ids=["nochunk", "fcfs", "equal"])
