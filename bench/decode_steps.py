@@ -1,7 +1,7 @@
 """Decode step time against the memory floor, and where a step's time goes.
 
     PYTHONPATH=. python bench/decode_steps.py --out $OUT [--presets llama-8b,llama-1b]
-        [--enforce-eager]
+        [--batches 1,8,32,64,128,256] [--overlap] [--enforce-eager] [--profile]
 
 (``bench/peers.py`` prints the same table after its peer comparison.)
 
@@ -176,7 +176,9 @@ def decode_table(
         # Margin: requests that finish prefill early decode while the rest still prefill.
         label = f"{preset}: {batch} requests of context {context}"
         start_decoding(llm, prompts.tolist(), WARMUP_STEPS + TIMED_STEPS + 48, label)
+        num_repeated = executor.scheduler.num_repeated_steps
         seconds = timed_steps(llm)
+        num_repeated = executor.scheduler.num_repeated_steps - num_repeated
         stats = executor.iteration_stats[-TIMED_STEPS:]
         idle = gpu_idle_share(llm)
         if profile_path and batch == max(batch_sizes):  # where the host time of a step goes
@@ -202,6 +204,9 @@ def decode_table(
                 "sched_ms": round(sched * 1e3, 3),
                 "input_prep_ms": round(prep * 1e3, 3),
                 "host_share": round((sched + prep) / step, 3),
+                # Steps whose batch the scheduler repeated without asking the policies (of
+                # the timed ones and their warm-up; engine.scheduler.Scheduler).
+                "steps_repeated": num_repeated,
                 "gpu_idle_share": None if idle is None else round(idle, 3),
             }
         )
@@ -218,6 +223,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=CONTEXT)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--overlap", action="store_true", help="overlap scheduling")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile 5 steps at the largest batch, per preset"
+    )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)  # results go under it
     bandwidth = copy_bandwidth(args.device)
@@ -227,7 +235,8 @@ def main() -> None:
     for preset in args.presets.split(","):
         batches = [int(b) for b in args.batches.split(",")]
         llm = build_llm(preset, args.device, args.context, args.enforce_eager, overlap=args.overlap)
-        rows += decode_table(llm, preset, batches, bandwidth, args.context)
+        profile = str(Path(args.out, f"profile-{preset}.txt")) if args.profile else None
+        rows += decode_table(llm, preset, batches, bandwidth, args.context, profile)
         llm.release_gpu_memory()
         del llm
         if args.device.startswith("cuda"):

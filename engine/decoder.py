@@ -21,14 +21,17 @@ class Decoder:
         """``logits`` [len(requests), vocab] -> one token id per request (waits for them)."""
         return self.sample(requests, logits).tolist()
 
-    def sample(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+    def sample(
+        self, requests: list[Request], logits: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``logits`` [len(requests), vocab] -> token ids [len(requests)] int64 on the logits'
-        device, without waiting for the device: the overlap scheduler reads them a step later."""
+        device, without waiting for the device: the overlap scheduler reads them a step later.
+        ``out``: an int64 buffer of that size on the same device to write them into."""
         if logits.shape[0] != len(requests):
             raise ValueError(
                 f"decoder got {logits.shape[0]} logits rows for {len(requests)} requests"
             )
-        tokens = logits.argmax(dim=-1)
+        tokens = torch.argmax(logits, dim=-1, out=out)
         for i, request in enumerate(requests):
             if not request.sampling_params.is_greedy:
                 tokens[i] = self._sample(request, logits[i])

@@ -333,7 +333,12 @@ class PyExecutor:
         pending = in_flight.tokens if in_flight is not None and in_flight.rows else None
         began = self._device_mark()
         logits = self.model_engine.forward(batch, self.kv_cache_manager, pending)
-        tokens = self.decoder.sample(sampling_requests, logits)
+        # Where the model engine wants the tokens (the next step's forward reads them there).
+        out = self.model_engine.token_buffer(len(sampling_requests))
+        if out is None:
+            tokens = self.decoder.sample(sampling_requests, logits)
+        else:
+            tokens = self.decoder.sample(sampling_requests, logits, out=out)
         copied = None
         host_tokens = tokens
         if tokens.is_cuda:
@@ -342,6 +347,8 @@ class PyExecutor:
             host_tokens.copy_(tokens, non_blocking=True)
             copied = torch.cuda.Event(enable_timing=True)
             copied.record()
+        elif out is not None:  # the next step samples into the same buffer
+            host_tokens = tokens.clone()
         enqueue_time = time.perf_counter() - forward_start
         step = InFlightStep(
             batch=batch,

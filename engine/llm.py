@@ -384,6 +384,7 @@ class LLM:
                 getattr(self.microbatch_scheduler, "max_batch_size", 256)
             ),
             max_blocks_per_seq=-(-max_tokens // kv.tokens_per_block),
+            max_pending_rows=getattr(self.microbatch_scheduler, "max_batch_size", None),
         )
 
     def _piecewise_runner(self, paged, token_sizes: Sequence[int] | None) -> PiecewiseGraphRunner:

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.kv_cache import KVCacheManager
@@ -81,6 +82,12 @@ class ModelEngine(ABC):
         pending_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
+    def token_buffer(self, num_tokens: int) -> torch.Tensor | None:
+        """Overlap scheduling: a device buffer for the decoder to write the step's
+        ``num_tokens`` sampled tokens into, which the next step's ``forward`` reads as its
+        ``pending_tokens`` without a copy; None: the decoder allocates them."""
+        return None
+
     def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
         """``(context_attention, decode_kv_tokens, max_decode_kv)`` of the batch the last
         ``forward`` ran, for its iteration row; called before the step's counters advance.
@@ -93,15 +100,19 @@ class ModelEngine(ABC):
 class HostBatch:
     """A step's flattened inputs as host lists (contexts first, then generations): what
     ``ForwardBatch`` holds, before it is sent to the device. The CUDA-graph runner pads these
-    lists to a bucket size instead of padding device tensors."""
+    lists to a bucket size instead of padding device tensors.
+
+    Slots and sequence lengths are not stored: they follow from the positions and the block
+    rows (``slot_mapping``, ``seq_lens``). The decode graphs derive them on the device, so a
+    decode step never builds them on the host.
+    """
 
     input_ids: list[int]
     positions: list[int]
-    slot_mapping: list[int]
     query_start_loc: list[int]
-    seq_lens: list[int]
     logits_indices: list[int]
     block_rows: list[Sequence[int]]  # the KV manager's own rows: read them this step only
+    tokens_per_block: int
     num_context_seqs: int
     num_context_tokens: int
     # One key per sequence (its request id), so a runner that keeps rows on the device can tell
@@ -110,7 +121,7 @@ class HostBatch:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.seq_lens)
+        return len(self.block_rows)
 
     @property
     def num_tokens(self) -> int:
@@ -122,12 +133,33 @@ class HostBatch:
 
     @property
     def max_blocks(self) -> int:
-        return max(max((len(row) for row in self.block_rows), default=0), 1)
+        return max(max(map(len, self.block_rows), default=0), 1)
+
+    @property
+    def decode_positions(self) -> list[int]:
+        """The generations' positions (one token each, after the context tokens)."""
+        return self.positions[self.num_context_tokens :]
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """KV length of each sequence after this step: its last new token's position + 1."""
+        positions = self.positions
+        return [positions[end - 1] + 1 for end in self.query_start_loc[1:]]
+
+    @property
+    def slot_mapping(self) -> list[int]:
+        """Where each new token's K/V goes: ``block_id * tokens_per_block + offset``."""
+        tpb, positions, starts = self.tokens_per_block, self.positions, self.query_start_loc
+        slots: list[int] = []
+        for i, row in enumerate(self.block_rows):
+            slots += [row[p // tpb] * tpb + p % tpb for p in positions[starts[i] : starts[i + 1]]]
+        return slots
 
     def to_device(self, staging: StagingBuffer) -> ForwardBatch:
         """One int64 host buffer, one copy to the device, split into views."""
         num_tokens, num_seqs, width = self.num_tokens, self.num_seqs, self.max_blocks
         table = [b for row in self.block_rows for b in (*row, *([0] * (width - len(row))))]
+        seq_lens = self.seq_lens
         #   flat = input_ids | positions | slots | query_start_loc | seq_lens | logits | table
         sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs]
         sizes += [len(self.logits_indices), len(table)]
@@ -136,7 +168,7 @@ class HostBatch:
             + self.positions
             + self.slot_mapping
             + self.query_start_loc
-            + self.seq_lens
+            + seq_lens
             + self.logits_indices
             + table
         )
@@ -151,7 +183,7 @@ class HostBatch:
             block_tables=parts[6].view(num_seqs, width),
             logits_indices=parts[5],
             max_query_len=max((starts[i + 1] - starts[i] for i in range(num_seqs)), default=0),
-            max_seq_len=max(self.seq_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
             num_context_seqs=self.num_context_seqs,
             num_context_tokens=self.num_context_tokens,
         )
@@ -163,55 +195,41 @@ def flatten_batch(batch: SchedulerOutput, kv_cache_manager: KVCacheManager) -> H
     Plain lists, no per-request tensors: at 256 decoding requests this runs every step, and it
     never copies a whole token history (a generation step needs only its last token).
     """
-    tpb = kv_cache_manager.tokens_per_block
     input_ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
     query_start_loc = [0]
-    seq_lens: list[int] = []
     logits_indices: list[int] = []
     block_rows: list[Sequence[int]] = []
 
     for request in batch.context_requests:
         start = request.num_computed_tokens
         end = start + request.context_chunk_size
-        block_ids = kv_cache_manager.get_block_ids(request)
         prompt = request.prompt_token_ids
         tokens = prompt[start:end] if end <= len(prompt) else request.all_token_ids[start:end]
         input_ids += tokens
         positions += range(start, end)
-        slots += [block_ids[p // tpb] * tpb + p % tpb for p in range(start, end)]
         query_start_loc.append(len(input_ids))
-        seq_lens.append(end)
-        block_rows.append(block_ids)
+        block_rows.append(kv_cache_manager.get_block_ids(request))
         if request.is_last_context_chunk:
             logits_indices.append(len(input_ids) - 1)
-    # Generations: one token each, built field by field (comprehensions: this loop runs over
-    # every decoding request every step).
+    # Generations: one token each, one comprehension a field (this runs over every decoding
+    # request every step). A generation's new token is its last sampled one, not yet cached:
+    # its position is num_computed_tokens (= num_tokens - 1).
     generations = batch.generation_requests
     if generations:
         first = len(input_ids)
-        # The last sampled token, not yet cached (num_tokens - 1, without the property call).
-        gen_positions = [len(r.prompt_token_ids) + len(r.output_token_ids) - 1 for r in generations]
-        gen_rows = kv_cache_manager.block_id_rows(generations)
         input_ids += [r.output_token_ids[-1] for r in generations]
-        positions += gen_positions
-        slots += [
-            row[p // tpb] * tpb + p % tpb for row, p in zip(gen_rows, gen_positions, strict=True)
-        ]
-        indices = range(first, first + len(generations))
-        logits_indices += indices
+        positions += [r.num_computed_tokens for r in generations]
+        logits_indices += range(first, first + len(generations))
         query_start_loc += range(first + 1, first + len(generations) + 1)
-        seq_lens += [p + 1 for p in gen_positions]
-        block_rows += gen_rows
+        block_rows += kv_cache_manager.block_id_rows(generations)
     return HostBatch(
         input_ids=input_ids,
         positions=positions,
-        slot_mapping=slots,
         query_start_loc=query_start_loc,
-        seq_lens=seq_lens,
         logits_indices=logits_indices,
         block_rows=block_rows,
+        tokens_per_block=kv_cache_manager.tokens_per_block,
         num_context_seqs=len(batch.context_requests),
         num_context_tokens=batch.num_context_tokens,
         row_keys=[r.request_id for r in batch.context_requests]
@@ -255,18 +273,23 @@ class StagingBuffer:
         if self.is_cuda:
             self._grow(capacity)
 
-    def send(self, values: list[int]) -> torch.Tensor:
-        if not self.is_cuda:
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
+    def send(self, values: list[int] | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``values`` on the device: a new tensor, or the first ``len(values)`` of ``out`` (a
+        contiguous int64 device buffer; one copy, no tensor to allocate)."""
         size = len(values)
+        if not self.is_cuda:
+            tensor = torch.tensor(values, dtype=torch.int64, device=self.device)
+            return tensor if out is None else out[:size].copy_(tensor)
         self._event.synchronize()  # the previous copy out of the buffer has run
         if size > self._host.numel():
             self._grow(2 * size)
         self._host_np[:size] = values
-        out = torch.empty(size, dtype=torch.int64, device=self.device)
-        out.copy_(self._host[:size], non_blocking=True)
+        dest = (
+            torch.empty(size, dtype=torch.int64, device=self.device) if out is None else out[:size]
+        )
+        dest.copy_(self._host[:size], non_blocking=True)
         self._event.record()
-        return out
+        return dest
 
     def _grow(self, capacity: int) -> None:
         self._host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
@@ -298,6 +321,10 @@ class TorchModelEngine(ModelEngine):
     def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
         return self._last_work
 
+    def token_buffer(self, num_tokens: int) -> torch.Tensor | None:
+        runner = self.graph_runner
+        return None if runner is None else runner.pending_buffer(num_tokens)
+
     def forward(
         self,
         batch: SchedulerOutput,
@@ -308,20 +335,31 @@ class TorchModelEngine(ModelEngine):
         if kv_pool is None:
             raise RuntimeError("the KV cache manager has no pool: call allocate_pool first")
         start = time.perf_counter()
+        runner = self.graph_runner
+        if runner is not None and batch.is_repeat:
+            generations = batch.generation_requests
+            if runner.can_advance(len(generations)):
+                # The last step's graph batch one token further: no flattening.
+                bucket = runner.advance(generations, kv_cache_manager, pending_tokens)
+                self._last_work = (0.0, *runner.decode_work())
+                self.last_input_prep_time = time.perf_counter() - start
+                self.num_graph_steps += 1
+                return runner.replay(bucket, kv_pool)[: len(generations)]
         host = flatten_batch(batch, kv_cache_manager)
-        # Generations' KV lengths are their seq_lens: summed in C, not over the requests again.
-        decode_lens = host.seq_lens[host.num_context_seqs :]
+        # Generations' KV lengths are their positions + 1: summed in C, not over the requests.
+        decode_positions = host.decode_positions
         self._last_work = (
             batch.context_attention,
-            sum(decode_lens),
-            max(decode_lens, default=0),
+            sum(decode_positions) + len(decode_positions),
+            max(decode_positions, default=-1) + 1,
         )
-        runner = self.graph_runner
-        if runner is not None and runner.can_run(host):
-            bucket = runner.load(host, pending_tokens)
-            self.last_input_prep_time = time.perf_counter() - start
-            self.num_graph_steps += 1
-            return runner.replay(bucket, kv_pool)[: host.num_seqs]
+        if runner is not None:
+            if runner.can_run(host):
+                bucket = runner.load(host, pending_tokens)
+                self.last_input_prep_time = time.perf_counter() - start
+                self.num_graph_steps += 1
+                return runner.replay(bucket, kv_pool)[: host.num_seqs]
+            runner.forget()  # the next step cannot advance this one's inputs
         inputs = host.to_device(self._staging)
         self.last_input_prep_time = time.perf_counter() - start
         piecewise = self.piecewise_runner

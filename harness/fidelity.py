@@ -16,6 +16,10 @@ within the target (5% for latencies, 3% for throughputs), prints the table, and 
 profile and compared with its measured time, per kind of step and size (``steps.csv``), and
 plotted predicted against measured (``steps.png``). Where the
 end metrics are off, this says which steps the profile mispredicts, with no simulation between.
+
+The second directory may also be another real run of the same workload: the table is then the
+real engine's own spread, the floor under any simulator's error on that workload
+(docs/performance.md measures it for the Azure window).
 """
 
 from __future__ import annotations
@@ -222,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m harness.fidelity", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("real", type=Path, help="run or sweep directory of the real engine")
-    parser.add_argument("sim", type=Path, help="the same runs on executor.engine=sim")
+    parser.add_argument(
+        "sim", type=Path, help="the same runs on executor.engine=sim (or real again: the spread)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: the sim directory")
     parser.add_argument(
         "--profile", type=Path, default=None, help="also check its cost model on each real step"

@@ -5,6 +5,7 @@ Each module holds a kernel and its launcher; the launchers mirror the torch refe
 """
 
 from kernels.activation import _silu_and_mul_kernel, _silu_and_mul_launch, silu_and_mul
+from kernels.decode_inputs import _decode_inputs_kernel, _decode_inputs_launch, decode_inputs
 from kernels.kv_write import _kv_write_kernel, _kv_write_launch, write_kv
 from kernels.paged_decode import (
     _merge_splits_kernel,
@@ -23,6 +24,7 @@ from kernels.rotary import _rotary_kernel, _rotary_launch, apply_rotary
 
 # The jitted kernels, for tools that inspect compiled variants (bench/peers.py).
 JIT_FUNCTIONS = (
+    _decode_inputs_kernel,
     _kv_write_kernel,
     _paged_decode_kernel,
     _merge_splits_kernel,
@@ -35,6 +37,7 @@ JIT_FUNCTIONS = (
 
 # Their launchers (kernels/launch.py), in the same order.
 LAUNCHERS = (
+    _decode_inputs_launch,
     _kv_write_launch,
     _paged_decode_launch,
     _merge_splits_launch,
@@ -76,6 +79,7 @@ __all__ = [
     "LAUNCHERS",
     "apply_rotary",
     "compiled_variants",
+    "decode_inputs",
     "num_fast_launches",
     "paged_decode_attention",
     "paged_prefill_attention",

@@ -32,7 +32,9 @@ def make_llm(backend: str = "triton", **kwargs) -> LLM:
     )
 
 
-def attach_runner(llm: LLM, batch_sizes, *, capture: bool | None = None) -> DecodeGraphRunner:
+def attach_runner(
+    llm: LLM, batch_sizes, *, capture: bool | None = None, max_pending_rows: int | None = None
+) -> DecodeGraphRunner:
     """The runner LLM builds on CUDA, attached by hand so CPU tests can run it uncaptured."""
     kv = llm.kv_cache_manager
     runner = DecodeGraphRunner(
@@ -41,6 +43,7 @@ def attach_runner(llm: LLM, batch_sizes, *, capture: bool | None = None) -> Deco
         batch_sizes,
         max_blocks_per_seq=kv.num_blocks,
         capture=IS_CUDA if capture is None else capture,
+        max_pending_rows=max_pending_rows,
     )
     llm.model_engine.graph_runner = runner
     return runner
@@ -88,11 +91,10 @@ def decode_batch(rows: list[list[int]], keys: list[int] | None = None):
     return HostBatch(
         input_ids=[7] * n,
         positions=[s - 1 for s in lens],
-        slot_mapping=[r[-1] * 4 + 2 for r in rows],
         query_start_loc=list(range(n + 1)),
-        seq_lens=lens,
         logits_indices=list(range(n)),
         block_rows=rows,
+        tokens_per_block=4,
         num_context_seqs=0,
         num_context_tokens=0,
         row_keys=keys or [],
@@ -120,7 +122,9 @@ def test_block_table_rows_are_sent_only_when_they_change():
     reordered = [[4, 5, 6], [1, 2], [3, 9], [8]]
     runner.load(host(reordered))
     assert runner.last_num_rows_sent == 4 and table_rows(reordered) == reordered
-    assert runner._vectors[3, :4].tolist() == [11, 7, 7, 3]  # seq_lens follow the new order
+    runner._derive_inputs(4)
+    assert runner._derived[3, :4].tolist() == [11, 7, 7, 3]  # seq_lens follow the new order
+    assert runner._derived[2, :4].tolist() == [6 * 4 + 2, 2 * 4 + 2, 9 * 4 + 2, 8 * 4 + 2]
 
 
 def test_runner_rejects_bad_setups():
@@ -196,12 +200,17 @@ def assert_only_slots_written(pool: torch.Tensor, reference: torch.Tensor, slots
     torch.testing.assert_close(after[:, :, ~real], expected[:, :, ~real], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
-def test_a_whole_run_through_graph_buckets_equals_eager(overlap):
+@pytest.mark.parametrize(
+    "overlap,max_pending_rows",
+    [(False, None), (True, None), (True, 2)],
+    ids=["sync", "overlap", "overlap-pending-past-the-buffer"],
+)
+def test_a_whole_run_through_graph_buckets_equals_eager(overlap, max_pending_rows):
     """Preemption, prefix reuse, chunked prefill and decode batches of every size from 5 down to
     1: buckets 1, 2, 4 serve the decode-only steps of <= 4 sequences (3 pads to 4), the rest run
     eagerly, and the greedy tokens equal an all-eager run. With overlap scheduling the graphs'
-    input ids come from the previous step's tokens on the device."""
+    input ids come from the previous step's tokens on the device: inside the graph, or, when
+    the previous step sampled more rows than the graph's buffer holds, filled in before it."""
     g = torch.Generator().manual_seed(7)
     system = torch.randint(3, 259, (12,), generator=g).tolist()
     prompts = [system + torch.randint(3, 259, (n,), generator=g).tolist() for n in (9, 2, 20, 5)]
@@ -217,7 +226,7 @@ def test_a_whole_run_through_graph_buckets_equals_eager(overlap):
     eager = make_llm(backend, **config).generate(prompts, params)
 
     llm = make_llm(backend, **config, overlap_scheduler=overlap)
-    runner = attach_runner(llm, [1, 2, 4])
+    runner = attach_runner(llm, [1, 2, 4], max_pending_rows=max_pending_rows)
     buckets: list[tuple[int, int]] = []
     load = runner.load
 
@@ -229,9 +238,11 @@ def test_a_whole_run_through_graph_buckets_equals_eager(overlap):
     runner.load = spy
     graphed = llm.generate(prompts, params)
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
+    assert runner.num_advanced_steps > 0  # repeated steady steps, advanced without flattening
     assert sum(o.metrics.num_preemptions for o in graphed) > 0
     assert sum(o.metrics.num_cached_tokens for o in graphed) > 0
-    assert llm.model_engine.num_graph_steps == len(buckets) > 0
+    assert llm.model_engine.num_graph_steps == len(buckets) + runner.num_advanced_steps
+    assert len(buckets) > 0
     assert (3, 4) in buckets and (1, 1) in buckets
     assert all(n <= b for n, b in buckets)
     kv = llm.kv_cache_manager
@@ -407,3 +418,52 @@ def test_rows_that_move_up_are_moved_on_the_device_not_sent_again():
     swapped = [[7, 9], [1, 2], [8], [4, 5, 6]]
     runner.load(host(swapped, [13, 10, 14, 12]))
     assert runner.last_num_rows_sent == 0 and table_rows(swapped) == swapped
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_repeated_step_advances_the_inputs_as_a_full_load_would(overlap):
+    """A steady decode step the scheduler repeated (``is_repeat``) is loaded by ``advance``:
+    positions one further, only the new blocks sent. Its derived inputs (ids, positions, slots,
+    sequence lengths) and block-table rows equal what a full ``load`` of the flattened batch
+    gives a fresh runner, step after step, across block boundaries and finishes."""
+    backend = "triton" if IS_CUDA else "torch"
+    config = dict(
+        capacity_scheduler="guaranteed_no_evict",
+        microbatch_scheduler=dict(max_batch_size=4, max_num_tokens=64),
+        kv_cache_manager=dict(tokens_per_block=4, num_blocks=64),
+    )
+    llm = make_llm(backend, **config, overlap_scheduler=overlap)
+    runner = attach_runner(llm, [1, 2, 4], capture=False)
+    kv = llm.kv_cache_manager
+    shadow = DecodeGraphRunner(
+        llm.model_engine.model, kv.kv_pool, [1, 2, 4], kv.num_blocks, capture=False
+    )
+    engine = llm.model_engine
+    forward = engine.forward
+    num_compared = num_with_new_blocks = 0
+
+    def checked_forward(batch, kv_manager, pending_tokens=None):
+        nonlocal num_compared, num_with_new_blocks
+        num_advanced = runner.num_advanced_steps
+        logits = forward(batch, kv_manager, pending_tokens)
+        if runner.num_advanced_steps > num_advanced:
+            bucket = shadow.load(flatten_batch(batch, kv_manager), pending_tokens)
+            runner._derive_inputs(bucket)
+            shadow._derive_inputs(bucket)
+            assert runner._derived[:, :bucket].tolist() == shadow._derived[:, :bucket].tolist()
+            rows = kv_manager.block_id_rows(batch.generation_requests)
+            for i, row in enumerate(rows):
+                assert runner._block_tables[i, : len(row)].tolist() == list(row)
+            num_compared += 1
+            num_with_new_blocks += runner.last_num_rows_sent > 0
+        return logits
+
+    engine.forward = checked_forward
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (14, 9, 17, 12)]
+    outputs = llm.generate(prompts, params)
+    eager = make_llm(backend, **config).generate(prompts, params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
+    assert num_compared == runner.num_advanced_steps > 5
+    assert num_with_new_blocks > 0  # some advanced steps crossed a block boundary

@@ -107,6 +107,18 @@ def expected_output(prompt, params):
     return out
 
 
+def same_batch(a, b) -> bool:
+    def ids(requests):
+        return [r.request_id for r in requests]
+
+    return (
+        ids(a.context_requests) == ids(b.context_requests)
+        and ids(a.generation_requests) == ids(b.generation_requests)
+        and ids(a.paused_requests) == ids(b.paused_requests)
+        and a.num_fitting_requests == b.num_fitting_requests
+    )
+
+
 def run_checked(executor, requests):
     """Step to the end, checking the invariants after every step."""
     kv = executor.kv_cache_manager
@@ -117,7 +129,12 @@ def run_checked(executor, requests):
 
     def spy(active, kv_manager, inflight=None):
         started_before = {r for r in active if r.is_started}
+        num_repeated = scheduler.num_repeated_steps
         out = original(active, kv_manager, inflight)
+        if scheduler.num_repeated_steps > num_repeated:
+            # A steady step repeated without the policies: they must agree (asked afresh).
+            fresh = Scheduler(scheduler.capacity_scheduler, microbatch)
+            assert same_batch(fresh.schedule_request(active, kv_manager, inflight), out)
         seen.append((out, started_before))
         return out
 
@@ -155,6 +172,7 @@ def test_invariants_hold_after_every_step(config, workload):
     requests = make_requests(workload)
     run_checked(executor, requests)
     kv = executor.kv_cache_manager
+    event(f"steady steps repeated: {executor.scheduler.num_repeated_steps > 0}")
     assert kv.get_kv_cache_stats().used_num_blocks == 0, "blocks leaked"
     assert sorted(r.request_id for r in executor.finished_requests) == list(range(len(requests)))
     for request in requests:

@@ -337,14 +337,20 @@ class PagedKVCacheManager(KVCacheManager):
         pool = self.pool
         tpb = self.tokens_per_block
         block_ids_of = self._block_ids
-        new_contexts = [r for r in batch.context_requests if not block_ids_of.get(r)]
-        matches = {r: self._match_prefix(r) for r in new_contexts}
-
-        # Check first: blocks leaving the free list = new blocks + distinct matched free blocks.
-        # Most running requests need nothing; keep only those that do.
         needs: list[tuple[Request, int]] = []
         num_new = 0
-        for request in batch.scheduled_requests:
+        if batch.is_repeat:
+            # The last step's decodes one token further (``SchedulerOutput.is_repeat``): only a
+            # new token that starts a block needs one (the ``steady_decode`` contract).
+            matches: dict[Request, list[int]] = {}
+            needs = [(r, 1) for r in batch.generation_requests if r.num_computed_tokens % tpb == 0]
+            num_new = len(needs)
+        else:
+            new_contexts = [r for r in batch.context_requests if not block_ids_of.get(r)]
+            matches = {r: self._match_prefix(r) for r in new_contexts}
+        # Check first: blocks leaving the free list = new blocks + distinct matched free blocks.
+        # Most running requests need nothing; keep only those that do.
+        for request in batch.scheduled_requests if not batch.is_repeat else ():
             held = matches[request] if request in matches else block_ids_of.get(request, ())
             num_needed = -(-request.num_tokens // tpb) - len(held)
             if num_needed > 0:
