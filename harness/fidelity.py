@@ -19,7 +19,9 @@ end metrics are off, this says which steps the profile mispredicts, with no simu
 
 The second directory may also be another real run of the same workload: the table is then the
 real engine's own spread, the floor under any simulator's error on that workload
-(docs/performance.md measures it for the Azure window).
+(docs/performance.md measures it for the Azure window). ``--spread REAL2`` puts that beside
+the simulator's error: a ``real_spread`` column, ``(real2 - real) / real``, and a black mark
+per metric in the plot.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ LATENCY_METRICS = tuple(
 THROUGHPUT_METRICS = ("output_throughput", "request_throughput")
 TARGETS = {**dict.fromkeys(LATENCY_METRICS, 0.05), **dict.fromkeys(THROUGHPUT_METRICS, 0.03)}
 # Overrides that choose how a run executes, not what it runs: ignored when pairing runs.
-ENGINE_KEYS = ("executor.", "output_root", "hydra.", "progress")
+ENGINE_KEYS = ("executor.", "output_root", "hydra.", "progress", "plots")
 
 
 def run_summaries(path: Path) -> dict[str, dict]:
@@ -86,6 +88,16 @@ def compare(real: dict[str, dict], sim: dict[str, dict]) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def with_spread(
+    table: pd.DataFrame, real: dict[str, dict], real_again: dict[str, dict]
+) -> pd.DataFrame:
+    """``table`` (``compare(real, sim)``) with ``real_spread``: how far a second real run of
+    each variant lies from the first, per metric (NaN where the second has no such run)."""
+    errors = compare(real, real_again).set_index(["variant", "metric"])["relative_error"]
+    keys = pd.MultiIndex.from_frame(table[["variant", "metric"]])
+    return table.assign(real_spread=errors.reindex(keys).to_numpy())
 
 
 STEP_KINDS = ("decode", "prefill", "mixed")
@@ -149,6 +161,18 @@ def step_table(steps: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def short_names(variants: list[str]) -> list[str]:
+    """Each variant named by the overrides that differ between them ("sim" if only one)."""
+    if len(variants) == 1:
+        return ["sim"]
+    overrides = [dict(o.split("=", 1) for o in v.split(",") if "=" in o) for v in variants]
+    keys = [k for k in overrides[0] if len({o.get(k) for o in overrides}) > 1]
+    return [
+        ",".join(f"{k}={o.get(k)}" for k in keys) or v
+        for o, v in zip(overrides, variants, strict=True)
+    ]
+
+
 def plot_steps(frame: pd.DataFrame, path: Path) -> None:
     """Predicted against measured time of every real step, one panel per kind (log axes; the
     diagonal is a perfect prediction, the band +-5%)."""
@@ -179,13 +203,8 @@ def plot_steps(frame: pd.DataFrame, path: Path) -> None:
             axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
             axis.set_major_formatter(ScalarFormatter())
             axis.set_minor_formatter(plt.NullFormatter())
-    if len(variants) > 1:  # name each variant by the overrides that differ between them
-        overrides = [dict(o.split("=", 1) for o in v.split(",") if "=" in o) for v in variants]
-        keys = [k for k in overrides[0] if len({o.get(k) for o in overrides}) > 1]
-        names = [
-            ",".join(f"{k}={o.get(k)}" for k in keys) or v
-            for o, v in zip(overrides, variants, strict=True)
-        ]
+    if len(variants) > 1:
+        names = short_names(variants)
         handles = axes[0][0].collections[: len(variants)]
         fig.legend(handles, names, loc="lower center", ncol=2, fontsize="small", markerscale=3)
     fig.suptitle("Cost model on each real step (green: within 5%)", fontsize="medium")
@@ -204,18 +223,22 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     metrics = list(TARGETS)
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(metrics) * len(variants) ** 0.5), 4))
     width = 0.8 / len(variants)
-    for i, variant in enumerate(variants):
+    for i, (variant, name) in enumerate(zip(variants, short_names(variants), strict=True)):
         rows = table[table["variant"] == variant].set_index("metric").reindex(metrics)
         xs = [m + (i - (len(variants) - 1) / 2) * width for m in range(len(metrics))]
-        ax.bar(xs, 100 * rows["relative_error"], width, label=variant)
+        ax.bar(xs, 100 * rows["relative_error"], width, label=name)
+        if "real_spread" in rows:
+            ax.scatter(xs, 100 * rows["real_spread"], marker="_", s=160, color="black",
+                       label="real run again" if i == 0 else None, zorder=3)  # fmt: skip
     for m, metric in enumerate(metrics):
         target = 100 * TARGETS[metric]
         ax.fill_between([m - 0.45, m + 0.45], -target, target, color="green", alpha=0.12)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(metrics)), [m.removesuffix("_ms") for m in metrics], rotation=45)
     ax.set_ylabel("sim vs real (%)")
-    ax.set_title("Simulated engine fidelity (shaded: target)")
-    ax.legend(fontsize="small")
+    title = "Simulated engine fidelity (shaded: target"
+    ax.set_title(title + ("; black: a second real run)" if "real_spread" in table else ")"))
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -233,9 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, default=None, help="also check its cost model on each real step"
     )
+    parser.add_argument(
+        "--spread", type=Path, default=None, help="a second real run: the real engine's spread"
+    )
     args = parser.parse_args(argv)
     try:
-        table = compare(run_summaries(args.real), run_summaries(args.sim))
+        real = run_summaries(args.real)
+        table = compare(real, run_summaries(args.sim))
+        if args.spread is not None:
+            table = with_spread(table, real, run_summaries(args.spread))
         steps = None if args.profile is None else step_predictions(args.real, args.profile)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -246,11 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     plot(table, out / "fidelity.png")
     shown = table.assign(
         relative_error=(100 * table["relative_error"]).round(2).astype(str) + "%",
+        **(
+            {"real_spread": (100 * table["real_spread"]).round(2).astype(str) + "%"}
+            if "real_spread" in table
+            else {}
+        ),
         target=(100 * table["target"]).round(0).astype(int).astype(str) + "%",
     )
     print(shown.to_string(index=False))
     within = int(table["within_target"].sum())
     print(f"\n{within}/{len(table)} within target; wrote {out / 'fidelity.csv'} and fidelity.png")
+    if "real_spread" in table:
+        moved = int((table["real_spread"].abs() > table["target"]).sum())
+        print(f"the second real run moved more than the target on {moved}/{len(table)}")
     if steps is not None:
         summary = step_table(steps)
         summary.to_csv(out / "steps.csv", index=False)

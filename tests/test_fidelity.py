@@ -8,7 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.fidelity import LATENCY_METRICS, TARGETS, THROUGHPUT_METRICS, compare, main
+from harness.fidelity import (
+    LATENCY_METRICS,
+    TARGETS,
+    THROUGHPUT_METRICS,
+    compare,
+    main,
+    with_spread,
+)
 from tests.test_harness import harness, only_dir
 
 
@@ -29,6 +36,17 @@ def test_relative_errors_and_targets():
     assert not bool(rows.loc["output_throughput", "within_target"])
     with pytest.raises(ValueError, match="no run in common"):
         compare({"a": summary(1.0)}, {"b": summary(1.0)})
+
+
+def test_a_second_real_run_gives_the_spread_beside_the_error():
+    real = {"a": summary(1.0), "b": summary(1.0)}
+    table = with_spread(compare(real, {"a": summary(1.04), "b": summary(0.9)}), real,
+                        {"a": summary(1.02)})  # fmt: skip
+    rows = table.set_index(["variant", "metric"])
+    assert math.isclose(rows.loc[("a", "p50_ttft_ms"), "real_spread"], 0.02)
+    assert math.isclose(rows.loc[("a", "output_throughput"), "real_spread"], 1 / 1.02 - 1)
+    assert math.isclose(rows.loc[("b", "p50_ttft_ms"), "relative_error"], -0.1)
+    assert table[table["variant"] == "b"]["real_spread"].isna().all()  # no second run of b
 
 
 def sim_run(tmp_path: Path) -> tuple[Path, Path]:
@@ -57,6 +75,8 @@ def test_cli_on_result_directories(tmp_path: Path):
     assert len(table) == len(TARGETS) and (table["relative_error"] == 0).all()
     assert (report / "fidelity.png").stat().st_size > 0
     assert main([str(tmp_path / "missing"), str(run)]) == 2
+    assert main([str(run), str(run), "--out", str(report), "--spread", str(run)]) == 0
+    assert (pd.read_csv(report / "fidelity.csv")["real_spread"] == 0).all()
 
 
 def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path, capsys):
