@@ -336,15 +336,12 @@ class TorchModelEngine(ModelEngine):
             raise RuntimeError("the KV cache manager has no pool: call allocate_pool first")
         start = time.perf_counter()
         runner = self.graph_runner
-        if runner is not None and batch.is_repeat:
-            generations = batch.generation_requests
-            if runner.can_advance(len(generations)):
-                # The last step's graph batch one token further: no flattening.
-                bucket = runner.advance(generations, kv_cache_manager, pending_tokens)
-                self._last_work = (0.0, *runner.decode_work())
-                self.last_input_prep_time = time.perf_counter() - start
-                self.num_graph_steps += 1
-                return runner.replay(bucket, kv_pool)[: len(generations)]
+        num_seqs = batch.batch_size
+        if runner is not None and batch.is_repeat and runner.can_advance(num_seqs):
+            # The last step's graph batch one token further: no flattening.
+            bucket = runner.advance(batch.generation_requests, kv_cache_manager, pending_tokens)
+            self._last_work = (0.0, *runner.decode_work())
+            return self._replay(runner, bucket, num_seqs, kv_pool, start)
         host = flatten_batch(batch, kv_cache_manager)
         # Generations' KV lengths are their positions + 1: summed in C, not over the requests.
         decode_positions = host.decode_positions
@@ -356,9 +353,7 @@ class TorchModelEngine(ModelEngine):
         if runner is not None:
             if runner.can_run(host):
                 bucket = runner.load(host, pending_tokens)
-                self.last_input_prep_time = time.perf_counter() - start
-                self.num_graph_steps += 1
-                return runner.replay(bucket, kv_pool)[: host.num_seqs]
+                return self._replay(runner, bucket, num_seqs, kv_pool, start)
             runner.forget()  # the next step cannot advance this one's inputs
         inputs = host.to_device(self._staging)
         self.last_input_prep_time = time.perf_counter() - start
@@ -368,3 +363,9 @@ class TorchModelEngine(ModelEngine):
         if pending_tokens is not None:
             fill_pending_tokens(inputs.input_ids, pending_tokens)
         return self.model.forward(inputs, kv_pool)
+
+    def _replay(self, runner, bucket: int, num_seqs: int, kv_pool: torch.Tensor, start: float):
+        """A decode graph step, its inputs loaded since ``start``: the real rows' logits."""
+        self.last_input_prep_time = time.perf_counter() - start
+        self.num_graph_steps += 1
+        return runner.replay(bucket, kv_pool)[:num_seqs]

@@ -337,25 +337,27 @@ class PagedKVCacheManager(KVCacheManager):
         pool = self.pool
         tpb = self.tokens_per_block
         block_ids_of = self._block_ids
-        needs: list[tuple[Request, int]] = []
+        needs: list[tuple[Request, int]] = []  # requests given new blocks, and how many
         num_new = 0
+        matches: dict[Request, list[int]] = {}
         if batch.is_repeat:
             # The last step's decodes one token further (``SchedulerOutput.is_repeat``): only a
             # new token that starts a block needs one (the ``steady_decode`` contract).
-            matches: dict[Request, list[int]] = {}
+            # Derived from the counters, not kept from scheduling: the simulator's fast-forward
+            # prepares one batch for several steps.
             needs = [(r, 1) for r in batch.generation_requests if r.num_computed_tokens % tpb == 0]
             num_new = len(needs)
         else:
             new_contexts = [r for r in batch.context_requests if not block_ids_of.get(r)]
             matches = {r: self._match_prefix(r) for r in new_contexts}
-        # Check first: blocks leaving the free list = new blocks + distinct matched free blocks.
-        # Most running requests need nothing; keep only those that do.
-        for request in batch.scheduled_requests if not batch.is_repeat else ():
-            held = matches[request] if request in matches else block_ids_of.get(request, ())
-            num_needed = -(-request.num_tokens // tpb) - len(held)
-            if num_needed > 0:
-                needs.append((request, num_needed))
-                num_new += num_needed
+            # Check first: blocks leaving the free list = new blocks + distinct matched free
+            # blocks. Most running requests need nothing; keep only those that do.
+            for request in batch.scheduled_requests:
+                held = matches[request] if request in matches else block_ids_of.get(request, ())
+                num_needed = -(-request.num_tokens // tpb) - len(held)
+                if num_needed > 0:
+                    needs.append((request, num_needed))
+                    num_new += num_needed
         num_free_matched = len(
             {b for match in matches.values() for b in match if pool.ref_counts[b] == 0}
         )
