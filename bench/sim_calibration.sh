@@ -49,14 +49,18 @@ step() {  # step NAME COMMAND...: run it, time it, remember a failure
   echo "=== $name: $((SECONDS - started)) s"
 }
 
-# fcfs_vs_maxutil as configured for a GPU; an Azure window at 10x its arrival rate (~55 req/s),
-# a load that queues.
+# fcfs_vs_maxutil as configured for a GPU; an Azure window at 10x its arrival rate (~40 req/s),
+# a load that queues; holdout: another window of the trace, 40 minutes in (~5.8 req/s in the
+# trace; HOLDOUT_SCALE=0.14 puts it at ~41 req/s), to test a calibration on requests it did not
+# see (REAL_ONLY=1 NAMES="azure holdout").
 declare -A WORKLOADS=(
   [fcfs]="experiment=fcfs_vs_maxutil"
   [azure]="workload=azure workload.path=$TRACE workload.max_requests=600 workload.time_scale=0.1"
+  [holdout]="workload=azure workload.path=$TRACE workload.start=2400 workload.max_requests=600 \
+workload.time_scale=${HOLDOUT_SCALE:-0.14}"
 )
 if [[ ${REAL_ONLY:-0} == 1 ]]; then
-  for name in fcfs azure; do
+  for name in ${NAMES:-fcfs azure}; do
     # shellcheck disable=SC2086  # a list of overrides
     step "real $name" python -m harness ${WORKLOADS[$name]} model="$MODEL" ${ARGS:-} \
       output_root="$RESULTS/real/$name-$MODEL" progress=false

@@ -47,7 +47,7 @@ from engine.model_engine import ModelEngine
 from engine.request import FinishReason, Request, RequestState
 from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.stats import IterationLog, IterationStats
+from engine.stats import IterationLog, IterationStats, StepWork
 
 
 @dataclass
@@ -68,7 +68,7 @@ class InFlightStep:
     num_new: int
     num_rejected: int
     num_active: int
-    work: tuple[float, int, int]
+    work: StepWork
     # Read at launch: the batch's chunk sizes change when the next step is scheduled.
     num_context_tokens: int
     length_finished: list[Request] = field(default_factory=list)  # finished at launch, in order
@@ -222,7 +222,7 @@ class PyExecutor:
 
         forward_start = time.perf_counter()
         finished: list[Request] = []
-        work = (0.0, 0, 0)  # the row's (context_attention, decode_kv_tokens, max_decode_kv)
+        work = StepWork()  # an empty step's
         enqueue_time = waited = 0.0
         began = ended = None
         if batch.is_empty:
@@ -546,7 +546,7 @@ class PyExecutor:
         num_rejected: int,
         num_active: int,
         num_completed: int,
-        work: tuple[float, int, int],
+        work: StepWork,
         enqueue_time: float,
         *,
         input_prep_time: float | None = None,
@@ -593,9 +593,10 @@ class PyExecutor:
             num_running_requests=len(self.active_requests) - num_pending,
             num_waiting_paused_requests=num_paused,
             input_prep_time=input_prep_time,
-            context_attention=work[0],
-            decode_kv_tokens=work[1],
-            max_decode_kv=work[2],
+            context_attention=work.context_attention,
+            decode_kv_tokens=work.decode_kv_tokens,
+            max_decode_kv=work.max_decode_kv,
+            num_padded_tokens=work.num_padded_tokens,
             forward_enqueue_time=enqueue_time,
             host_time=host_time,
             device_time=device_time,

@@ -28,6 +28,7 @@ from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler
 from engine.sim.engine import SimDecoder
 from engine.sim.fast_forward import fast_forward_decodes, is_steady
+from engine.sim.padding import StepPadding
 from policies import registry
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,15 @@ class LLM:
         check_chunk_unit(self.microbatch_scheduler, self.kv_cache_manager.tokens_per_block)
         # Each engine sets model_engine (and device, dtype, tokenizer); both share the loop.
         if engine == "sim":
-            decoder, clock = self._init_sim(model, dtype, cost_model, clock)
+            padding = StepPadding.of_engine(
+                max_batch_size=getattr(self.microbatch_scheduler, "max_batch_size", None),
+                max_num_tokens=getattr(self.microbatch_scheduler, "max_num_tokens", None),
+                enforce_eager=enforce_eager,
+                cuda_graph_batch_sizes=cuda_graph_batch_sizes,
+                piecewise_cuda_graphs=piecewise_cuda_graphs,
+                piecewise_token_sizes=piecewise_token_sizes,
+            )
+            decoder, clock = self._init_sim(model, dtype, cost_model, clock, padding)
         else:
             self._init_torch(model, device, dtype, seed, attention_backend)
             self._build_graphs(
@@ -277,8 +286,12 @@ class LLM:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _init_sim(self, model, dtype, cost_model, clock) -> tuple[SimDecoder, VirtualClock]:
-        """No weights, no tensors: the model's shape, a cost model and a virtual clock."""
+    def _init_sim(
+        self, model, dtype, cost_model, clock, padding: StepPadding
+    ) -> tuple[SimDecoder, VirtualClock]:
+        """No weights, no tensors: the model's shape, a cost model and a virtual clock. Steps
+        are padded to ``padding``'s graph buckets (this LLM's settings, as on a GPU) where the
+        profile's engine ran graphs too: its fitted per-row costs are per padded row then."""
         from engine.models import load_tokenizer, model_limits, model_shape
         from engine.sim import CostModel, Profile, SimModelEngine
 
@@ -320,7 +333,13 @@ class LLM:
         self.activation_peak_bytes = 0
         clock = clock or VirtualClock()
         vocab_size, max_seq_len = model_limits(model)
-        self.model_engine = SimModelEngine(cost_model, clock, vocab_size, max_seq_len)
+        if profile is not None:
+            profiled = StepPadding.of_profile(profile.engine)
+            padding = StepPadding(
+                padding.decode_sizes if profiled.decode_sizes else (),
+                padding.token_sizes if profiled.token_sizes else (),
+            )
+        self.model_engine = SimModelEngine(cost_model, clock, vocab_size, max_seq_len, padding)
         return SimDecoder(clock), clock
 
     def _warn_other_mode(self, profile) -> None:

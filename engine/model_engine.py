@@ -26,6 +26,7 @@ import torch
 
 from engine.kv_cache import KVCacheManager
 from engine.scheduler import SchedulerOutput
+from engine.stats import StepWork
 
 
 @dataclass
@@ -88,12 +89,14 @@ class ModelEngine(ABC):
         ``pending_tokens`` without a copy; None: the decoder allocates them."""
         return None
 
-    def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
-        """``(context_attention, decode_kv_tokens, max_decode_kv)`` of the batch the last
-        ``forward`` ran, for its iteration row; called before the step's counters advance.
-        Engines that counted them while building their inputs return those counts (a pass over
-        256 requests costs tens of microseconds a step)."""
-        return batch.context_attention, batch.decode_kv_tokens, batch.max_decode_kv
+    def step_work(self, batch: SchedulerOutput) -> StepWork:
+        """The work of the batch the last ``forward`` ran, for its iteration row; called before
+        the step's counters advance. Engines that counted it while building their inputs return
+        those counts (a pass over 256 requests costs tens of microseconds a step). This one
+        pads nothing."""
+        return StepWork(
+            batch.context_attention, batch.decode_kv_tokens, batch.max_decode_kv, batch.num_tokens
+        )
 
 
 @dataclass
@@ -315,10 +318,10 @@ class TorchModelEngine(ModelEngine):
         self.graph_runner = graph_runner
         self.piecewise_runner = piecewise_runner
         self._staging = StagingBuffer(device)
-        self._last_work = (0.0, 0, 0)
+        self._last_work = StepWork()
         self.num_graph_steps = 0  # decode steps served by a graph (for tests and reports)
 
-    def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
+    def step_work(self, batch: SchedulerOutput) -> StepWork:
         return self._last_work
 
     def token_buffer(self, num_tokens: int) -> torch.Tensor | None:
@@ -340,25 +343,29 @@ class TorchModelEngine(ModelEngine):
         if runner is not None and batch.is_repeat and runner.can_advance(num_seqs):
             # The last step's graph batch one token further: no flattening.
             bucket = runner.advance(batch.generation_requests, kv_cache_manager, pending_tokens)
-            self._last_work = (0.0, *runner.decode_work())
+            self._last_work = StepWork(0.0, *runner.decode_work(), bucket)
             return self._replay(runner, bucket, num_seqs, kv_pool, start)
         host = flatten_batch(batch, kv_cache_manager)
         # Generations' KV lengths are their positions + 1: summed in C, not over the requests.
         decode_positions = host.decode_positions
-        self._last_work = (
+        work = StepWork(
             batch.context_attention,
             sum(decode_positions) + len(decode_positions),
             max(decode_positions, default=-1) + 1,
+            host.num_tokens,  # eager: no padding
         )
+        self._last_work = work
         if runner is not None:
             if runner.can_run(host):
                 bucket = runner.load(host, pending_tokens)
+                self._last_work = work._replace(num_padded_tokens=bucket)
                 return self._replay(runner, bucket, num_seqs, kv_pool, start)
             runner.forget()  # the next step cannot advance this one's inputs
         inputs = host.to_device(self._staging)
         self.last_input_prep_time = time.perf_counter() - start
         piecewise = self.piecewise_runner
         if piecewise is not None and piecewise.can_run(host):
+            self._last_work = work._replace(num_padded_tokens=piecewise.bucket_for(host.num_tokens))
             return piecewise.run(host, inputs, kv_pool, pending_tokens)
         if pending_tokens is not None:
             fill_pending_tokens(inputs.input_ids, pending_tokens)

@@ -6,7 +6,17 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from operator import attrgetter
-from typing import overload
+from typing import NamedTuple, overload
+
+
+class StepWork(NamedTuple):
+    """A step's work as the simulator's cost model sees it (``engine.sim.cost_model``), which
+    the model engine counted while building its inputs (``ModelEngine.step_work``)."""
+
+    context_attention: float = 0.0  # causal query-key pairs of the context chunks
+    decode_kv_tokens: int = 0  # KV entries read by the generation requests' attention
+    max_decode_kv: int = 0  # the longest generation request's KV length
+    num_padded_tokens: int = 0  # rows the dense layers ran on: tokens padded to a graph bucket
 
 
 # slots: the simulated engine records millions of steps (a dict per row would cost ~1 KB).
@@ -43,6 +53,7 @@ class IterationStats:
     context_attention: float = 0.0  # causal query-key pairs of the context chunks
     decode_kv_tokens: int = 0  # KV entries read by the generation requests' attention
     max_decode_kv: int = 0  # the longest generation request's KV length
+    num_padded_tokens: int = 0  # rows the dense layers ran on (engine/sim/padding.py)
     # host time until model_engine.forward returned: its kernels queued, not necessarily run
     # (part of forward_time; the rest is mostly the wait for the device)
     forward_enqueue_time: float = 0.0

@@ -32,12 +32,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from engine.sim.cost_model import StepFeatures
+from engine.sim.cost_model import ERRORS, StepFeatures
+from engine.sim.padding import StepPadding
 from engine.sim.profile import Profile
 from harness.results import RunResult, load
 
@@ -50,6 +52,7 @@ FEATURE_COLUMNS = {  # StepFeatures field -> iterations.parquet column
     "num_decode_seqs": "num_generation_requests",
     "decode_kv_tokens": "decode_kv_tokens",
     "max_decode_kv": "max_decode_kv",  # recorded since 2026-11-28 (0 in older runs)
+    "num_padded_tokens": "num_padded_tokens",  # recorded since 2026-11-28 (else run_padding)
 }
 
 
@@ -64,6 +67,25 @@ def is_overlap_run(run: RunResult) -> bool:
 
 def is_simulated(run: RunResult) -> bool:
     return run.info.get("engine", "torch") == "sim"
+
+
+def run_padding(run: RunResult) -> StepPadding:
+    """The graph buckets a real run's engine padded its steps to, from its config: for runs
+    made before ``num_padded_tokens`` was recorded (their engine ran on CUDA with Triton
+    attention, where ``LLM`` captures graphs unless told not to)."""
+    config = run.config
+    if run.info.get("hardware") == "cpu":  # eager
+        return StepPadding()
+    executor = config.get("executor") or {}
+    microbatch = config.get("microbatch_scheduler") or {}
+    return StepPadding.of_engine(
+        max_batch_size=microbatch.get("max_batch_size"),
+        max_num_tokens=microbatch.get("max_num_tokens"),
+        enforce_eager=bool(executor.get("enforce_eager", False)),
+        cuda_graph_batch_sizes=executor.get("cuda_graph_batch_sizes"),
+        piecewise_cuda_graphs=executor.get("piecewise_cuda_graphs"),
+        piecewise_token_sizes=executor.get("piecewise_token_sizes"),
+    )
 
 
 def serving_steps(run: RunResult, model: str) -> pd.DataFrame:
@@ -92,6 +114,14 @@ def serving_steps(run: RunResult, model: str) -> pd.DataFrame:
     columns = {field: steps.get(column, 0) for field, column in FEATURE_COLUMNS.items()}
     frame = pd.DataFrame(columns, index=steps.index)
     has_context, has_decodes = frame.num_context_tokens > 0, frame.num_decode_seqs > 0
+    if "num_padded_tokens" not in steps:
+        padding = run_padding(run)
+        frame["num_padded_tokens"] = [
+            padding.padded(int(n), is_decode_only=not context)
+            for n, context in zip(
+                frame.num_context_tokens + frame.num_decode_seqs, has_context, strict=True
+            )
+        ]
     frame["kind"] = np.select([~has_context, ~has_decodes], ["decode", "prefill"], "mixed")
     # fmax: device_time is NaN off CUDA, where the host's time holds everything
     seconds = np.fmax(steps.host_time, steps.device_time) if overlap else steps.step_latency
@@ -109,6 +139,7 @@ def features(frame: pd.DataFrame) -> list[StepFeatures]:
             num_decode_seqs=int(row.num_decode_seqs),
             decode_kv_tokens=int(row.decode_kv_tokens),
             max_decode_kv=int(row.max_decode_kv),
+            num_padded_tokens=int(row.num_padded_tokens),
         )
         for row in frame.itertuples()
     ]
@@ -141,12 +172,15 @@ def sample_steps(steps: pd.DataFrame, max_steps: int) -> pd.DataFrame:
 
 
 def calibrate(
-    profile: Profile, runs: list[RunResult], max_steps: int = 1000
+    profile: Profile, runs: list[RunResult], max_steps: int = 1000, fit_error: str | None = None
 ) -> tuple[Profile, pd.DataFrame]:
     """``profile`` with the serving steps of ``runs`` (see the module doc), and every one of
-    those steps (``serving_steps``, all runs)."""
+    those steps (``serving_steps``, all runs). ``fit_error``: what its fit minimises
+    (``Profile.fit_error``; None keeps the profile's)."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if fit_error is not None:
+        profile = replace(profile, fit_error=fit_error)
     tables = []
     modes = {is_overlap_run(run) for run in runs} | {
         source.get("overlap_scheduler", False) for source in profile.calibration
@@ -210,12 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-steps", type=int, default=1000, help="serving steps kept of each kind, a run"
     )
+    parser.add_argument(
+        "--fit-error",
+        choices=ERRORS,
+        default=None,
+        help="what the fit minimises: relative (every step alike) or absolute (each by its "
+        "time, the total a queue sees); default: the profile's (relative)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         profile = Profile.load(args.profile)
         runs = [run for path in args.real for run in runs_under(path)]  # each read once
-        calibrated, steps = calibrate(profile, runs, args.max_steps)
+        calibrated, steps = calibrate(profile, runs, args.max_steps, args.fit_error)
         table = bias_table(profile, calibrated, steps)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

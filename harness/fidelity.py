@@ -22,6 +22,13 @@ real engine's own spread, the floor under any simulator's error on that workload
 (docs/performance.md measures it for the Azure window). ``--spread REAL2`` puts that beside
 the simulator's error: a ``real_spread`` column, ``(real2 - real) / real``, and a black mark
 per metric in the plot.
+
+Several real directories (repeats of the same runs: ``REAL1 REAL2 REAL3 SIM``) make the
+reference their median, metric by metric, which one noisy run cannot move; ``real_low`` and
+``real_high`` give the lowest and highest of the real runs against that median (their spread,
+a black bar per metric in the plot), and ``within_spread`` whether the simulator's error lies
+inside it. On a load that queues the real engine's TTFT P50 moves by 20% from run to run
+(docs/performance.md): a 5% target there means something only against such a median.
 """
 
 from __future__ import annotations
@@ -100,11 +107,51 @@ def with_spread(
     return table.assign(real_spread=errors.reindex(keys).to_numpy())
 
 
+def median_summaries(
+    runs: list[dict[str, dict]],
+) -> tuple[dict[str, dict], dict[tuple[str, str], tuple[float, float]]]:
+    """Repeats of the same runs (``run_summaries`` of each): per variant that every one has,
+    the median of each metric, and per (variant, metric) the lowest and highest relative
+    deviation of a run from that median."""
+    common = sorted(set.intersection(*(set(r) for r in runs)))
+    if not common:
+        raise ValueError("the real directories have no run in common (paired by overrides)")
+    medians: dict[str, dict] = {}
+    spread: dict[tuple[str, str], tuple[float, float]] = {}
+    for variant in common:
+        medians[variant] = {}
+        for metric in TARGETS:
+            values = [r[variant].get(metric) for r in runs]
+            if any(v is None for v in values):
+                continue
+            middle = float(pd.Series(values).median())
+            medians[variant][metric] = middle
+            deviations = [(v - middle) / middle if middle else float("nan") for v in values]
+            spread[(variant, metric)] = (min(deviations), max(deviations))
+    return medians, spread
+
+
+def with_real_range(
+    table: pd.DataFrame, spread: dict[tuple[str, str], tuple[float, float]]
+) -> pd.DataFrame:
+    """``table`` (``compare(median, sim)``) with ``real_low`` / ``real_high`` (the real runs'
+    range around their median) and ``within_spread`` (the simulator's error inside it)."""
+    keys = list(zip(table["variant"], table["metric"], strict=True))
+    low = [spread.get(k, (float("nan"),) * 2)[0] for k in keys]
+    high = [spread.get(k, (float("nan"),) * 2)[1] for k in keys]
+    table = table.assign(real_low=low, real_high=high)
+    return table.assign(
+        within_spread=(table.real_low <= table.relative_error)
+        & (table.relative_error <= table.real_high)
+    )
+
+
 STEP_KINDS = ("decode", "prefill", "mixed")
 
 
-def step_predictions(real: Path, profile_path: Path) -> pd.DataFrame:
-    """Every step of the real runs under ``real`` that ran a batch: its variant, kind
+def step_predictions(real: Path | list[Path], profile_path: Path) -> pd.DataFrame:
+    """Every step of the real runs under ``real`` (one directory or several) that ran a
+    batch: its variant, kind
     (decode / prefill / mixed), size (decode rows, or context tokens), measured seconds and the
     seconds the profile's cost model predicts for its work."""
     import numpy as np
@@ -115,7 +162,8 @@ def step_predictions(real: Path, profile_path: Path) -> pd.DataFrame:
     profile = Profile.load(profile_path)
     model = profile.cost_model()
     tables = []
-    for run in runs_under(real):
+    paths = real if isinstance(real, list) else [real]
+    for run in (run for path in paths for run in runs_under(path)):
         if run.status != "ok" or run.iterations.empty:
             continue
         try:
@@ -230,6 +278,10 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         if "real_spread" in rows:
             ax.scatter(xs, 100 * rows["real_spread"], marker="_", s=160, color="black",
                        label="real run again" if i == 0 else None, zorder=3)  # fmt: skip
+        if "real_low" in rows:
+            label = "real runs' range" if i == 0 else None
+            ax.vlines(xs, 100 * rows["real_low"], 100 * rows["real_high"], color="black",
+                      linewidth=2, label=label, zorder=3)  # fmt: skip
     for m, metric in enumerate(metrics):
         target = 100 * TARGETS[metric]
         ax.fill_between([m - 0.45, m + 0.45], -target, target, color="green", alpha=0.12)
@@ -237,6 +289,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     ax.set_xticks(range(len(metrics)), [m.removesuffix("_ms") for m in metrics], rotation=45)
     ax.set_ylabel("sim vs real (%)")
     title = "Simulated engine fidelity (shaded: target"
+    if "real_low" in table:
+        title += "; against the real runs' median, black: their range"
     ax.set_title(title + ("; black: a second real run)" if "real_spread" in table else ")"))
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes
     fig.tight_layout()
@@ -248,9 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.fidelity", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("real", type=Path, help="run or sweep directory of the real engine")
     parser.add_argument(
-        "sim", type=Path, help="the same runs on executor.engine=sim (or real again: the spread)"
+        "runs",
+        type=Path,
+        nargs="+",
+        metavar="REAL [REAL ...] SIM",
+        help="run or sweep directories of the real engine (several: repeats, compared by "
+        "their median), then the same runs on executor.engine=sim (or real again: the spread)",
     )
     parser.add_argument("--out", type=Path, default=None, help="default: the sim directory")
     parser.add_argument(
@@ -260,26 +318,32 @@ def main(argv: list[str] | None = None) -> int:
         "--spread", type=Path, default=None, help="a second real run: the real engine's spread"
     )
     args = parser.parse_args(argv)
+    if len(args.runs) < 2:
+        parser.error("give a real directory and a sim one (REAL [REAL ...] SIM)")
+    *reals, sim = args.runs
     try:
-        real = run_summaries(args.real)
-        table = compare(real, run_summaries(args.sim))
+        if len(reals) > 1 and args.spread is not None:
+            raise ValueError("--spread takes one real run; with several, their range is shown")
+        summaries = [run_summaries(path) for path in reals]
+        real, spread = summaries[0], None
+        if len(reals) > 1:
+            real, spread = median_summaries(summaries)
+        table = compare(real, run_summaries(sim))
+        if spread is not None:
+            table = with_real_range(table, spread)
         if args.spread is not None:
             table = with_spread(table, real, run_summaries(args.spread))
-        steps = None if args.profile is None else step_predictions(args.real, args.profile)
+        steps = None if args.profile is None else step_predictions(reals, args.profile)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = args.out or args.sim
+    out = args.out or sim
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "fidelity.csv", index=False)
     plot(table, out / "fidelity.png")
+    percent = ("relative_error", "real_spread", "real_low", "real_high")
     shown = table.assign(
-        relative_error=(100 * table["relative_error"]).round(2).astype(str) + "%",
-        **(
-            {"real_spread": (100 * table["real_spread"]).round(2).astype(str) + "%"}
-            if "real_spread" in table
-            else {}
-        ),
+        **{c: (100 * table[c]).round(2).astype(str) + "%" for c in percent if c in table},
         target=(100 * table["target"]).round(0).astype(int).astype(str) + "%",
     )
     print(shown.to_string(index=False))
@@ -288,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     if "real_spread" in table:
         moved = int((table["real_spread"].abs() > table["target"]).sum())
         print(f"the second real run moved more than the target on {moved}/{len(table)}")
+    if "within_spread" in table:
+        inside = int(table["within_spread"].sum())
+        print(
+            f"against the median of {len(reals)} real runs; the error lies within their range "
+            f"on {inside}/{len(table)}"
+        )
     if steps is not None:
         summary = step_table(steps)
         summary.to_csv(out / "steps.csv", index=False)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine.sim.cost_model import StepFeatures
+from engine.sim.cost_model import PREFILL_TERMS, StepFeatures
+from engine.sim.padding import StepPadding
 from engine.sim.profile import MIN_SERVING_STEPS, SERVING, Profile
 from harness.calibrate import main
 from tests.test_harness import harness, only_dir
@@ -103,6 +104,18 @@ def test_prefill_steps_follow_serving_mixed_steps():
     model = calibrated.cost_model()
     assert model.predict(mixed) == pytest.approx(SLOWER * law(mixed), rel=1e-3)
     assert model.predict(prefill) == pytest.approx(SLOWER * law(prefill), rel=1e-3)
+    # A few serving prefill steps (enough for a fit of their own): still one free fit of
+    # every context step, not a mixed model composed from a prefill fit to those few
+    prefills = [
+        StepFeatures(num_context_seqs=s, num_context_tokens=t, context_attention=t * t / s)
+        for s, t in ((1, 40), (2, 300), (1, 900), (4, 1200), (1, 2000), (2, 3000), (3, 64),
+                     (1, 5000), (2, 700), (1, 150))
+    ]  # fmt: skip
+    rows = [{**f.as_dict(), "seconds": SLOWER * law(f)} for f in prefills]
+    with_prefills = calibrated.with_serving_steps(rows, {"run": "p"})
+    model = with_prefills.cost_model()
+    assert len(prefills) >= 2 * len(PREFILL_TERMS) and model.prefill is None
+    assert model.predict(mixed) == pytest.approx(SLOWER * law(mixed), rel=1e-3)
 
 
 def test_a_calibrated_profile_round_trips(tmp_path: Path):
@@ -114,6 +127,38 @@ def test_a_calibrated_profile_round_trips(tmp_path: Path):
     loaded = Profile.load(path)
     assert loaded == calibrated
     assert loaded.cost_model() == calibrated.cost_model()
+    absolute = dataclasses.replace(calibrated, fit_error="absolute")
+    absolute.save(path)
+    assert Profile.load(path).cost_model() == absolute.cost_model() != calibrated.cost_model()
+    path.write_text(path.read_text().replace('"fit_error": "absolute"', '"fit_error": "l1"'))
+    with pytest.raises(ValueError, match="fit_error must be one of"):
+        Profile.load(path)
+
+
+def test_an_absolute_fit_keeps_the_serving_steps_total_time():
+    """Serving steps with noise (seeded, +-20%): the relative fit has the lower relative error,
+    the absolute fit the lower absolute error and a total time closer to the measured one,
+    which is what a queue of those steps integrates."""
+    rng = random.Random(1)
+    rows = serving_rows(200, "mixed") + serving_rows(200, "decode")
+    for row in rows:
+        row["seconds"] *= rng.uniform(0.8, 1.2)
+    profile = synthetic_profile("llama-1b").with_serving_steps(rows, {"run": "r"})
+    samples = profile.fit_samples()
+    seconds = [s for _, s in samples]
+    errors = {}
+    for fit_error in ("relative", "absolute"):
+        model = dataclasses.replace(profile, fit_error=fit_error).cost_model()
+        predicted = [model.predict(f) for f, _ in samples]
+        pairs = list(zip(predicted, seconds, strict=True))
+        errors[fit_error] = (
+            sum(((p - s) / s) ** 2 for p, s in pairs),
+            sum((p - s) ** 2 for p, s in pairs),
+            abs(sum(predicted) / sum(seconds) - 1),
+        )
+    assert errors["relative"][0] < errors["absolute"][0]
+    assert errors["absolute"][1] < errors["relative"][1]
+    assert errors["absolute"][2] < errors["relative"][2]
 
 
 def cpu_run(tmp_path: Path, *args: str) -> Path:
@@ -161,6 +206,9 @@ def test_cli_calibrates_with_a_real_run_and_refuses_the_wrong_runs(tmp_path: Pat
     fitted = [f for f, _ in calibrated.fit_samples() if f.kind == "decode"]
     assert len(fitted) == sum(r["num_context_tokens"] == 0 for r in serving) >= MIN_SERVING_STEPS
 
+    assert Profile.load(out).fit_error == "relative"
+    assert main([*args, "--fit-error", "absolute"]) == 0
+    assert Profile.load(out).fit_error == "absolute"
     assert main([*args, "--max-steps", "10"]) == 0  # of each kind
     kept = Counter(f.kind for f, _ in Profile.load(out).samples()[len(profile.steps) :])
     assert kept["decode"] == 10 and all(n <= 10 for n in kept.values())
@@ -212,3 +260,38 @@ def test_an_overlap_run_is_calibrated_to_its_steps_host_or_device_time(tmp_path:
     plain = cpu_run(tmp_path / "plain", "executor.overlap_scheduler=false")
     assert main([str(plain), "--profile", str(out), "--out", str(tmp_path / "mixed.json")]) == 2
     assert "with and without overlap scheduling" in capsys.readouterr().err
+
+
+def test_a_run_before_the_padded_column_is_padded_as_its_config_says(tmp_path: Path, capsys):
+    """Runs record the rows each step's dense layers ran on (``num_padded_tokens``: eager on the
+    CPU, so its tokens). A GPU run made before that column existed gets the buckets its
+    config's engine captured (engine.sim.padding): 16 sequences and 256 tokens on this config."""
+    run = cpu_run(tmp_path, "executor.overlap_scheduler=false")
+    iterations = pd.read_parquet(run / "iterations.parquet")
+    tokens = iterations.num_context_tokens + iterations.num_generation_requests
+    worked = iterations[tokens > 0]
+    tokens = tokens[tokens > 0].tolist()
+    assert worked.num_padded_tokens.tolist() == tokens
+    profile = dataclasses.replace(synthetic_profile("llama-tiny"), device="cpu")
+    profile.save(tmp_path / "p.json")
+    out = tmp_path / "calibrated.json"
+    args = [str(run), "--profile", str(tmp_path / "p.json"), "--out", str(out)]
+    assert main(args) == 0
+
+    def serving_padded() -> list[int]:
+        return [r["num_padded_tokens"] for r in Profile.load(out).steps if r.get("kind") == SERVING]
+
+    assert serving_padded() == tokens
+    # The same run as an older one, from a GPU
+    iterations.drop(columns=["num_padded_tokens"]).to_parquet(run / "iterations.parquet")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "hardware": "NVIDIA H200"}))
+    dataclasses.replace(profile, device="NVIDIA H200").save(tmp_path / "p.json")
+    assert main(args) == 0
+    padding = StepPadding.of_engine(max_batch_size=16, max_num_tokens=256)
+    expected = [
+        padding.padded(n, is_decode_only=c == 0)
+        for n, c in zip(tokens, worked.num_context_tokens, strict=True)
+    ]
+    assert serving_padded() == expected != tokens
+    capsys.readouterr()

@@ -245,6 +245,11 @@ def test_a_whole_run_through_graph_buckets_equals_eager(overlap, max_pending_row
     assert len(buckets) > 0
     assert (3, 4) in buckets and (1, 1) in buckets
     assert all(n <= b for n, b in buckets)
+    # Each row records the rows its dense layers ran on: the graph's bucket, or its own tokens
+    for row in llm.executor.iteration_stats:
+        n = row.num_scheduled_tokens
+        is_graphed = n > 0 and row.num_context_tokens == 0 and n <= 4
+        assert row.num_padded_tokens == (min(b for b in (1, 2, 4) if b >= n) if is_graphed else n)
     kv = llm.kv_cache_manager
     assert kv.num_free_blocks == kv.num_blocks
 

@@ -14,6 +14,8 @@ from harness.fidelity import (
     THROUGHPUT_METRICS,
     compare,
     main,
+    median_summaries,
+    with_real_range,
     with_spread,
 )
 from tests.test_harness import harness, only_dir
@@ -49,6 +51,30 @@ def test_a_second_real_run_gives_the_spread_beside_the_error():
     assert table[table["variant"] == "b"]["real_spread"].isna().all()  # no second run of b
 
 
+def test_several_real_runs_are_compared_by_their_median_with_their_range():
+    """Three repeats at 0.9x, 1.0x and 1.2x: the reference is the 1.0x run, metric by metric;
+    its range -10%..+20% (latencies); a sim at 1.04x is within target and within the range,
+    one at 0.85x neither. A variant that one repeat lacks is left out."""
+    runs = [
+        {"a": summary(0.9)},
+        {"a": summary(1.2), "b": summary(1.0)},
+        {"a": summary(1.0), "b": summary(1.0)},
+    ]
+    medians, spread = median_summaries(runs)
+    assert set(medians) == {"a"} and medians["a"] == summary(1.0)
+    low, high = spread[("a", "p50_ttft_ms")]
+    assert math.isclose(low, -0.1) and math.isclose(high, 0.2)
+    low, high = spread[("a", "output_throughput")]  # 50 / scale
+    assert math.isclose(low, 1 / 1.2 - 1) and math.isclose(high, 1 / 0.9 - 1)
+    for scale, inside in ((1.04, True), (0.85, False)):
+        table = with_real_range(compare(medians, {"a": summary(scale)}), spread)
+        rows = table.set_index("metric")
+        assert bool(rows.loc["p50_ttft_ms", "within_spread"]) is inside
+        assert bool(rows.loc["p50_ttft_ms", "within_target"]) is inside
+    with pytest.raises(ValueError, match="no run in common"):
+        median_summaries([{"a": summary(1.0)}, {"b": summary(1.0)}])
+
+
 def sim_run(tmp_path: Path) -> tuple[Path, Path]:
     """A harness run of 40 requests on the simulated engine: (its directory, its profile)."""
     from tests.test_sim import synthetic_profile
@@ -77,6 +103,13 @@ def test_cli_on_result_directories(tmp_path: Path):
     assert main([str(tmp_path / "missing"), str(run)]) == 2
     assert main([str(run), str(run), "--out", str(report), "--spread", str(run)]) == 0
     assert (pd.read_csv(report / "fidelity.csv")["real_spread"] == 0).all()
+    # Several real directories: against their median, with their range
+    assert main([str(run), str(run), str(run), str(run), "--out", str(report)]) == 0
+    table = pd.read_csv(report / "fidelity.csv")
+    assert (table["real_low"] == 0).all() and table["within_spread"].all()
+    assert main([str(run), str(run), str(run), "--spread", str(run)]) == 2
+    with pytest.raises(SystemExit):  # one directory: nothing to compare
+        main([str(run)])
 
 
 def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path, capsys):

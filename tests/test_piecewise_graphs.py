@@ -158,6 +158,8 @@ def test_a_whole_run_through_piecewise_buckets_equals_eager(overlap):
     num_forwards = sum(1 for s in llm.executor.iteration_stats if s.num_scheduled_tokens)
     assert runner.num_steps == len(buckets) == num_forwards
     assert {b for _, b in buckets} == {8, 16} and all(n <= b for n, b in buckets)
+    rows = [s for s in llm.executor.iteration_stats if s.num_scheduled_tokens]
+    assert [s.num_padded_tokens for s in rows] == [b for _, b in buckets]  # recorded, in order
     kv = llm.kv_cache_manager
     assert kv.num_free_blocks == kv.num_blocks
 

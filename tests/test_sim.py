@@ -17,6 +17,7 @@ from engine.models import model_shape
 from engine.scheduler import SchedulerOutput
 from engine.sim import LinearCostModel, Profile, RooflineCostModel, StepFeatures
 from engine.sim.cost_model import DECODE_TERMS, MIXED_TERMS
+from engine.sim.padding import StepPadding
 from tests.scenario import make_request
 
 # A step-time law to generate profiles from (seconds): decode-only steps and steps with
@@ -24,7 +25,7 @@ from tests.scenario import make_request
 DECODE = {"intercept": 2e-3, "num_decode_seqs": 1e-5, "decode_kv_tokens": 2e-8}
 MIXED = {
     "intercept": 4e-3,
-    "num_context_tokens": 3e-6,
+    "num_padded_tokens": 3e-6,
     "context_attention": 1e-9,
     "num_context_seqs": 5e-5,
     "num_decode_seqs": 1e-5,
@@ -50,15 +51,17 @@ def synthetic_profile(model: str, free_bytes_for_kv: int | None = 2**30) -> Prof
             context_attention=t * (t / s + 1) / 2,
             num_decode_seqs=r,
             decode_kv_tokens=r * 500,
+            num_padded_tokens=p,
         )
-        for s, t, r in (
-            (1, 64, 0),
-            (4, 512, 0),
-            (1, 2048, 16),
-            (16, 4096, 0),
-            (2, 256, 64),
-            (1, 8192, 0),
-            (8, 1024, 128),
+        for s, t, r, p in (
+            (1, 64, 0, 64),
+            (4, 500, 0, 512),
+            (1, 2048, 16, 4096),
+            (16, 4096, 0, 4096),
+            (2, 256, 64, 512),
+            (1, 8192, 0, 8192),
+            (8, 1024, 128, 2048),
+            (1, 1200, 0, 2048),
         )
     ]
     return Profile(
@@ -92,7 +95,41 @@ def test_step_features_of_a_batch():
         decode_kv_tokens=5 + 8,
         max_decode_kv=8,  # the longer decode: 7 prompt tokens + 1 output
     )
-    assert features.num_tokens == 11 and not features.is_decode_only
+    assert features.num_tokens == features.num_padded_tokens == 11  # not padded
+    assert not features.is_decode_only
+    # The real engine on a GPU runs 11 tokens in its 16-token piecewise graph, and 2 decodes
+    # alone in its 2-sequence decode graph
+    padding = StepPadding(decode_sizes=(1, 2, 4), token_sizes=(16, 32))
+    assert StepFeatures.of(batch, padding) == dataclasses.replace(features, num_padded_tokens=16)
+    decode_only = SchedulerOutput(generation_requests=decodes[:1] * 3)
+    assert StepFeatures.of(decode_only, padding).num_padded_tokens == 4
+
+
+def test_step_padding_follows_the_engine_settings():
+    padding = StepPadding.of_engine(max_batch_size=64, max_num_tokens=1000)
+    assert padding.decode_sizes == (1, 2, 4, 8, 16, 32, 48, 64)
+    assert padding.token_sizes == (16, 32, 64, 128, 256, 512, 1000)
+    assert padding.padded(33, is_decode_only=True) == 48
+    assert padding.padded(513, is_decode_only=False) == 1000
+    assert padding.padded(65, is_decode_only=True) == 65  # beyond every graph: eager
+    assert padding.padded(16, is_decode_only=False) == 16
+    explicit = StepPadding.of_engine(
+        max_batch_size=64,
+        max_num_tokens=1000,
+        cuda_graph_batch_sizes=[8, 1],
+        piecewise_token_sizes=[100],
+    )
+    assert explicit == StepPadding((1, 8), (100,))
+    assert StepPadding.of_engine(
+        max_batch_size=64, max_num_tokens=1000, piecewise_cuda_graphs=False
+    ) == StepPadding(padding.decode_sizes, ())
+    assert StepPadding.of_engine(max_batch_size=64, max_num_tokens=1000, enforce_eager=True) == (
+        StepPadding()
+    )
+    # A profile made with prompt steps eager (the H100 ones) pads decode steps only
+    engine = {"max_batch_size": 64, "max_num_tokens": 1000, "cuda_graphs": True}
+    assert StepPadding.of_profile(engine) == StepPadding(padding.decode_sizes, ())
+    assert StepPadding.of_profile({**engine, "piecewise_cuda_graphs": True}) == padding
 
 
 def test_linear_fit_recovers_the_law():
@@ -410,7 +447,7 @@ def test_a_term_constant_in_every_sample_is_left_to_the_intercept():
     """Every mixed step below has one context sequence: its per-sequence cost cannot be told
     from the intercept, so it gets none (else a step with four would pay the base four times)."""
     mixed = one_prompt_mixed_steps((256, 1024, 4096), (16, 64, 255), (512, 1536))
-    samples = [(f, 0.02 + 1e-6 * f.num_context_tokens + 4e-8 * f.decode_kv_tokens) for f in mixed]
+    samples = [(f, 0.02 + 1e-6 * f.num_padded_tokens + 4e-8 * f.decode_kv_tokens) for f in mixed]
     samples += [s for s in synthetic_profile("llama-8b").samples() if s[0].is_decode_only]
     model = LinearCostModel.fit(samples)
     assert model.mixed["num_context_seqs"] == 0.0
@@ -445,13 +482,13 @@ def test_a_host_floor_is_fitted_where_short_steps_cost_the_same():
     ]
 
     def measured(f: StepFeatures) -> float:
-        decodes = 2e-5 * f.num_decode_seqs + 1e-8 * f.decode_kv_tokens
         if f.is_decode_only:
-            return 0.006 + decodes
+            return 0.006 + 2e-5 * f.num_decode_seqs + 1e-8 * f.decode_kv_tokens
         if f.num_decode_seqs == 0:
-            return max(0.015, 0.002 + 2.5e-5 * f.num_context_tokens)
-        # a mixed step: its contexts' work plus its decodes' work, above its own floor
-        return max(0.02, 0.004 + 2.5e-5 * f.num_context_tokens + decodes)
+            return max(0.015, 0.002 + 2.5e-5 * f.num_padded_tokens)
+        # a mixed step: every row at the prefill's rate plus its decodes' attention, above its
+        # own floor
+        return max(0.02, 0.004 + 2.5e-5 * f.num_padded_tokens + 1e-8 * f.decode_kv_tokens)
 
     model = LinearCostModel.fit([(f, measured(f)) for f in prefill + mixed + decode])
     assert model.prefill is not None  # enough prefill-only steps for their own fit
@@ -461,7 +498,7 @@ def test_a_host_floor_is_fitted_where_short_steps_cost_the_same():
     for f in prefill + mixed + decode:
         assert math.isclose(model.predict(f), measured(f), rel_tol=1e-6), f
     # One line (least squares on relative error, no floor) misses the short steps by far more.
-    design = np.array([[1.0, f.num_context_tokens] for f in prefill])
+    design = np.array([[1.0, f.num_padded_tokens] for f in prefill])
     seconds = np.array([measured(f) for f in prefill])
     line, *_ = np.linalg.lstsq(design / seconds[:, None], np.ones(len(prefill)), rcond=None)
     assert max(abs(design @ line - seconds) / seconds) > 0.15  # vs < 1e-6 above
@@ -483,22 +520,76 @@ def test_real_and_simulated_engines_record_the_same_work_for_the_same_schedule()
     for engine in ("torch", "sim"):
         extra = dict(engine="sim", cost_model=profile, sim_fast_forward=False)
         llm = LLM("llama-tiny", **config, **(extra if engine == "sim" else dict(device="cpu")))
-        seen: list[tuple[float, int, int]] = []
+        seen: list[tuple[float, int, int, int]] = []
         step_work = llm.model_engine.step_work
 
         def recording(batch, step_work=step_work, seen=seen):
-            # the slow count, over the requests
-            seen.append((batch.context_attention, batch.decode_kv_tokens, batch.max_decode_kv))
+            # the slow count, over the requests (neither pads: eager, and a profile without)
+            seen.append(
+                (
+                    batch.context_attention,
+                    batch.decode_kv_tokens,
+                    batch.max_decode_kv,
+                    batch.num_tokens,
+                )
+            )
             return step_work(batch)
 
         llm.model_engine.step_work = recording
         llm.generate(prompts, params)
         stats = llm.executor.iteration_stats
-        rows[engine] = [(s.context_attention, s.decode_kv_tokens, s.max_decode_kv) for s in stats]
+        rows[engine] = [
+            (s.context_attention, s.decode_kv_tokens, s.max_decode_kv, s.num_padded_tokens)
+            for s in stats
+        ]
         assert rows[engine] == seen
     assert rows["torch"] == rows["sim"]
-    assert any(a > 0 for a, _, _ in rows["sim"]) and any(kv > 0 for _, kv, _ in rows["sim"])
-    assert any(0 < longest < kv for _, kv, longest in rows["sim"])  # several decodes
+    assert any(a > 0 for a, *_ in rows["sim"]) and any(kv > 0 for _, kv, *_ in rows["sim"])
+    assert any(0 < longest < kv for _, kv, longest, _ in rows["sim"])  # several decodes
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_simulator_pads_steps_as_the_profiled_engine_did(overlap):
+    """A profile made with graphs: each simulated step runs in the bucket the real engine would
+    pick with this LLM's settings (decode sizes 1, 2, 4; token sizes 16, 24) and costs the
+    padded rows; a profile made eagerly pads nothing."""
+    config = dict(
+        microbatch_scheduler=dict(max_batch_size=4, max_num_tokens=24),
+        kv_cache_manager=dict(tokens_per_block=4, num_blocks=64),
+        overlap_scheduler=overlap,
+        sim_fast_forward=False,
+    )
+    prompts = [[5 + i] * n for i, n in enumerate((30, 7, 12, 3, 9))]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 9, 2, 6, 5)]
+    eager = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
+    graphs = dataclasses.replace(
+        eager, engine={"max_batch_size": 4, "max_num_tokens": 24, "cuda_graphs": True,
+                       "piecewise_cuda_graphs": True},
+    )  # fmt: skip
+    padding = StepPadding((1, 2, 4), (16, 24))
+    for profile, expected in ((graphs, padding), (eager, StepPadding())):
+        llm = LLM("llama-tiny", engine="sim", cost_model=profile, **config)
+        assert llm.model_engine.padding == expected
+        llm.generate(prompts, params)
+        stats = [s for s in llm.executor.iteration_stats if s.num_scheduled_tokens]
+        for s in stats:
+            n = s.num_scheduled_tokens
+            assert s.num_padded_tokens == expected.padded(n, s.num_context_tokens == 0)
+        is_padded = [s.num_padded_tokens > s.num_scheduled_tokens for s in stats]
+        assert any(is_padded) == (profile is graphs)
+        if not overlap:  # a step's latency is its predicted time, at the padded rows
+            model = profile.cost_model()
+            for s in stats:
+                features = StepFeatures(
+                    num_context_seqs=s.num_context_requests,
+                    num_context_tokens=s.num_context_tokens,
+                    context_attention=s.context_attention,
+                    num_decode_seqs=s.num_generation_requests,
+                    decode_kv_tokens=s.decode_kv_tokens,
+                    max_decode_kv=s.max_decode_kv,
+                    num_padded_tokens=s.num_padded_tokens,
+                )
+                assert s.step_latency == pytest.approx(model.predict(features), rel=1e-9)
 
 
 def queue_rows(outputs) -> list[tuple]:

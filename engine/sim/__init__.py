@@ -1,9 +1,11 @@
 """The simulated engine (``executor.engine=sim``): same executor and policies, predicted time.
 
 cost_model.py  StepFeatures, CostModel, RooflineCostModel (baseline), LinearCostModel (fitted)
+padding.py     StepPadding: the graph buckets a real step's dense layers run on
 profile.py     Profile: measured step times of the real engine for one (device, model)
 profiler.py    python -m engine.sim.profiler: runs the real engine over a grid, writes a profile
 engine.py      SimModelEngine, SimDecoder
+fast_forward.py  runs of identical decode steps advanced in one go
 """
 
 from engine.sim.cost_model import CostModel, LinearCostModel, RooflineCostModel, StepFeatures

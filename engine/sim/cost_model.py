@@ -6,7 +6,10 @@ A step's time depends on the batch only through a few counts, ``StepFeatures``::
     |-- prefix --|-- chunk --|                 |-------- KV length --------|*
      computed     new tokens                    read once                  new token
 
-    num_context_tokens   sum of chunks        GEMM FLOPs    (2 * params per token)
+    num_context_tokens   sum of chunks
+    num_padded_tokens    the rows the GEMMs   GEMM FLOPs    (2 * params per row): the step's
+                         run on               tokens padded to the real engine's graph bucket
+                                              (engine/sim/padding.py), up to 2x its tokens
     context_attention    sum over contexts of chunk * (computed + (chunk + 1) / 2):
                          the causal query-key pairs of the chunk (attention FLOPs)
     num_decode_seqs      decodes              GEMM rows at small M (weights read once a step)
@@ -21,11 +24,13 @@ Two models, one interface (``CostModel.predict``):
   and matmul rate: a step costs max(read the weights, the GEMM FLOPs) plus its attention's KV
   bytes and FLOPs plus a fixed overhead. No profile needed; a floor, not a fit.
 - ``LinearCostModel``: least squares over a profile of the real engine, fitted separately for
-  decode-only steps (CUDA graphs: one launch, linear in rows and KV bytes) and prefill steps
-  (eager: FLOP-bound), each as a weighted sum of the features above plus an intercept, weighted
-  to minimise the relative error, with no coefficient below zero. A mixed step (prompts and
-  decodes) costs its prompts' work plus its decodes' work, at those two fits' rates, plus its own
-  intercept. Each kind also gets a floor: ``seconds = max(floor, linear)``. An eager step
+  decode-only steps (CUDA graphs: one launch, linear in rows and KV bytes) and steps with
+  prompt tokens (FLOP-bound, on the padded rows), each as a weighted sum of the features above
+  plus an intercept, with no coefficient below zero, minimising the relative error (every step
+  alike) or, for profiles calibrated that way, the absolute one (each step by its time: the
+  total a queue integrates). Where a grid gives enough prefill-only points, a mixed step costs
+  its padded rows at the prefill's rate plus its decodes' attention at the decode fit's, plus
+  its own intercept. Each kind also gets a floor: ``seconds = max(floor, linear)``. An eager step
   launches every layer's kernels from Python, so a short one costs the host's launch time (tens
   of ms for a 32-layer model on a slow host) however few tokens it has; the device time (the
   linear part) overtakes it only at a few thousand tokens, and one straight line cannot fit both
@@ -46,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from engine.scheduler import SchedulerOutput
+from engine.sim.padding import StepPadding
 
 
 @dataclass(frozen=True)
@@ -58,20 +64,31 @@ class StepFeatures:
     num_decode_seqs: int = 0
     decode_kv_tokens: int = 0
     max_decode_kv: int = 0
+    num_padded_tokens: int = 0  # 0: not padded, as many as num_tokens (set so on construction)
+
+    def __post_init__(self) -> None:
+        if self.num_padded_tokens == 0:
+            object.__setattr__(self, "num_padded_tokens", self.num_tokens)
 
     @classmethod
-    def of(cls, batch: SchedulerOutput) -> StepFeatures:
-        """Features of a scheduled batch, after ``prepare_resources`` (prefix hits counted)."""
+    def of(cls, batch: SchedulerOutput, padding: StepPadding | None = None) -> StepFeatures:
+        """Features of a scheduled batch, after ``prepare_resources`` (prefix hits counted),
+        its tokens padded as ``padding`` says (None: not padded)."""
         # One pass over the decodes for both KV counts (SchedulerOutput.decode_kv_tokens and
         # .max_decode_kv): this runs every simulated step.
         lengths = [r.num_tokens for r in batch.generation_requests]
+        num_context_tokens = batch.num_context_tokens
+        num_padded = num_context_tokens + len(lengths)
+        if padding is not None:
+            num_padded = padding.padded(num_padded, is_decode_only=num_context_tokens == 0)
         return cls(
             num_context_seqs=len(batch.context_requests),
-            num_context_tokens=batch.num_context_tokens,
+            num_context_tokens=num_context_tokens,
             context_attention=batch.context_attention,
-            num_decode_seqs=len(batch.generation_requests),
+            num_decode_seqs=len(lengths),
             decode_kv_tokens=sum(lengths),
             max_decode_kv=max(lengths, default=0),
+            num_padded_tokens=num_padded,
         )
 
     @property
@@ -121,7 +138,7 @@ class RooflineCostModel(CostModel):
     def predict(self, features: StepFeatures) -> float:
         gemm = max(
             self.weight_bytes / self.bandwidth,
-            2 * self.num_params * features.num_tokens / self.flops,
+            2 * self.num_params * features.num_padded_tokens / self.flops,
         )
         kv_read = features.decode_kv_tokens * self.kv_bytes_per_token / self.bandwidth
         attention = features.context_attention * self.attention_flops_per_pair / self.flops
@@ -129,11 +146,12 @@ class RooflineCostModel(CostModel):
 
 
 STEP_KINDS = ("decode", "prefill", "mixed")  # StepFeatures.kind
+ERRORS = ("relative", "absolute")  # what LinearCostModel.fit minimises (squared, summed)
 DECODE_TERMS = ("intercept", "num_decode_seqs", "decode_kv_tokens", "max_decode_kv")
-PREFILL_TERMS = ("intercept", "num_context_tokens", "context_attention", "num_context_seqs")
+PREFILL_TERMS = ("intercept", "num_padded_tokens", "context_attention", "num_context_seqs")
 MIXED_TERMS = (
     "intercept",
-    "num_context_tokens",
+    "num_padded_tokens",
     "context_attention",
     "num_context_seqs",
     "num_decode_seqs",
@@ -172,20 +190,29 @@ class LinearCostModel(CostModel):
         return max(seconds, self.floors.get(kind, 0.0))
 
     @classmethod
-    def fit(cls, samples: Iterable[tuple[StepFeatures, float]]) -> LinearCostModel:
+    def fit(
+        cls,
+        samples: Iterable[tuple[StepFeatures, float]],
+        compose_mixed: bool | None = None,
+        error: str = "relative",
+    ) -> LinearCostModel:
         """Fit each kind of step to ``(features, measured seconds)`` samples, minimising the
-        relative error (``_fit_kind``). Needs at least as many decode-only steps as
-        ``DECODE_TERMS`` and context steps as ``MIXED_TERMS``. Prefill steps get their own
-        coefficients when there are at least ``2 * len(PREFILL_TERMS)`` of them and as many mixed
-        steps (they launch fewer kernels: no decode attention); otherwise mixed covers both.
+        squared ``error`` (``ERRORS``: relative or absolute; ``_fit_kind``). Needs at least as
+        many decode-only steps as ``DECODE_TERMS`` and context steps as ``MIXED_TERMS``.
+        Prefill steps get their own coefficients when there are at least
+        ``2 * len(PREFILL_TERMS)`` of them and as many mixed steps (they launch fewer kernels:
+        no decode attention), unless ``compose_mixed`` is False; otherwise mixed covers both
+        (``compose_mixed=True`` insists on the prefill fit).
 
-        With a prefill fit, a mixed step's work is its contexts' (prefill coefficients) plus its
-        decodes' (decode coefficients); only its intercept and floor are fitted to the mixed
-        steps (``_compose_mixed``). A free fit of all six terms to mixed steps alone leans on
-        whichever term happens to track the few device-bound samples (one prompt a step makes
-        context tokens and attention move together): on the H100 llama-8b profile it put the
-        per-token cost at a tenth of the prefill's and under-predicted a real Azure run's mixed
-        steps by 31% in total, against 8% composed (docs/performance.md)."""
+        With a prefill fit, a mixed step's work is its padded rows and contexts' attention
+        (prefill coefficients) plus its decodes' attention (decode coefficients); only its
+        intercept and floor are fitted to the mixed steps (``_compose_mixed``). A free fit of
+        all six terms to a grid's few mixed steps leans on whichever term happens to track the
+        device-bound ones (one prompt a step makes context tokens and attention move together):
+        on the H100 llama-8b profile it put the per-token cost at a tenth of the prefill's and
+        under-predicted a real Azure run's mixed steps by 31% in total, against 8% composed
+        (docs/performance.md). Serving steps are many and varied: ``Profile.cost_model`` fits
+        them freely."""
         by_kind: dict[str, list[tuple[StepFeatures, float]]] = {k: [] for k in STEP_KINDS}
         for features, seconds in samples:
             if seconds <= 0:
@@ -193,14 +220,18 @@ class LinearCostModel(CostModel):
             by_kind[features.kind].append((features, seconds))
         decode, prefill, mixed = (by_kind[k] for k in STEP_KINDS)
         floors: dict[str, float] = {}
-        decode_fit, floors["decode"] = _fit_kind(decode, DECODE_TERMS, "decode-only")
+        if error not in ERRORS:
+            raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
+        decode_fit, floors["decode"] = _fit_kind(decode, DECODE_TERMS, "decode-only", error)
         separate = len(prefill) >= 2 * len(PREFILL_TERMS) and len(mixed) >= 2 * len(MIXED_TERMS)
+        if compose_mixed is not None:
+            separate = compose_mixed
         prefill_fit = None
         if separate:
-            prefill_fit, floors["prefill"] = _fit_kind(prefill, PREFILL_TERMS, "prefill")
+            prefill_fit, floors["prefill"] = _fit_kind(prefill, PREFILL_TERMS, "prefill", error)
             mixed_fit, floors["mixed"] = _compose_mixed(prefill_fit, decode_fit, mixed)
         else:
-            mixed_fit, floors["mixed"] = _fit_kind(prefill + mixed, MIXED_TERMS, "context")
+            mixed_fit, floors["mixed"] = _fit_kind(prefill + mixed, MIXED_TERMS, "context", error)
         return cls(decode=decode_fit, mixed=mixed_fit, prefill=prefill_fit, floors=floors)
 
 
@@ -215,7 +246,12 @@ def _compose_mixed(
     error: a coarse search over quantiles, then each refined in closed form)."""
     coefficients = {"intercept": 0.0}
     coefficients |= {t: prefill[t] for t in PREFILL_TERMS if t != "intercept"}
-    coefficients |= {t: decode[t] for t in DECODE_TERMS if t != "intercept"}
+    # The decodes' rows are among the padded tokens, at the prefill's per-row rate (a GEMM of
+    # hundreds of rows is compute-bound); what they add is their attention over the KV.
+    coefficients |= {
+        t: decode[t] for t in DECODE_TERMS if t not in ("intercept", "num_decode_seqs")
+    }
+    coefficients["num_decode_seqs"] = 0.0
     terms = [t for t in MIXED_TERMS if t != "intercept"]
     work = np.array([[getattr(f, t) for t in terms] for f, _ in samples]) @ np.array(
         [coefficients[t] for t in terms]
@@ -242,7 +278,10 @@ def _compose_mixed(
 
 
 def _fit_kind(
-    samples: list[tuple[StepFeatures, float]], terms: Sequence[str], kind: str
+    samples: list[tuple[StepFeatures, float]],
+    terms: Sequence[str],
+    kind: str,
+    error_kind: str = "relative",
 ) -> tuple[dict[str, float], float]:
     """(coefficients, floor) of ``max(floor, linear)`` with the least mean squared relative
     error: no floor and a line through every sample, or a floor at one of the measured times'
@@ -255,37 +294,49 @@ def _fit_kind(
         )
     design = np.array([_design(f, terms) for f, _ in samples])
     seconds = np.array([s for _, s in samples])
+    weights = _weights(seconds, error_kind)
 
     def error(coefficients: np.ndarray, floor: float) -> float:
         predicted = np.maximum(design @ coefficients, floor)
-        return float(np.mean(((predicted - seconds) / seconds) ** 2))
+        return float(np.mean(weights * (predicted - seconds) ** 2))
 
-    best = _least_squares(design, seconds)
+    best = _least_squares(design, seconds, weights)
     best_floor, best_error = 0.0, error(best, 0.0)
     for floor in np.unique(np.quantile(seconds, np.linspace(0.05, 0.9, 18))):
         above = seconds > floor
         if above.sum() < len(terms):
             continue
-        coefficients = _least_squares(design[above], seconds[above])
+        coefficients = _least_squares(design[above], seconds[above], weights[above])
         covered = design @ coefficients <= floor
-        if covered.any():  # the floor that minimises the relative error of those it covers
-            floor = _best_constant(seconds[covered])
+        if covered.any():  # the floor that minimises the error of those it covers
+            floor = _best_constant(seconds[covered], weights[covered])
         candidate = error(coefficients, floor)
         if candidate < best_error:
             best, best_floor, best_error = coefficients, float(floor), candidate
     return {term: float(value) for term, value in zip(terms, best, strict=True)}, best_floor
 
 
-def _best_constant(seconds: np.ndarray) -> float:
-    """The constant c with the least sum of ((c - s) / s)^2: sum(1/s) / sum(1/s^2)."""
-    inverse = 1.0 / seconds
-    return float(inverse.sum() / (inverse**2).sum())
+def _weights(seconds: np.ndarray, error: str) -> np.ndarray:
+    """Each sample's weight on its squared error: ``relative`` 1 / s^2 (a 1 ms step and a
+    100 ms step count alike), ``absolute`` 1 (each counts by its time)."""
+    return 1.0 / seconds**2 if error == "relative" else np.ones_like(seconds)
 
 
-def _least_squares(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
-    # Relative error: scale each row by 1 / its time (a 1 ms step and a 100 ms step count
-    # alike). Columns are scaled to unit norm for conditioning, then scaled back.
-    weighted = design / seconds[:, None]
+def _best_constant(seconds: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The constant c with the least sum of w (c - s)^2: sum(w s) / sum(w); by default the
+    relative error's w = 1 / s^2."""
+    weights = 1.0 / seconds**2 if weights is None else weights
+    return float((weights * seconds).sum() / weights.sum())
+
+
+def _least_squares(
+    design: np.ndarray, seconds: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    # Weighted least squares: each row scaled by sqrt(its weight) (1 / its time for the
+    # relative error, the default). Columns are scaled to unit norm for conditioning, then
+    # scaled back.
+    root = 1.0 / seconds if weights is None else np.sqrt(weights)
+    weighted = design * root[:, None]
     norms = np.linalg.norm(weighted, axis=0)
     norms[norms == 0] = 1.0
     # A term that is the same in every sample (every mixed step of a profile has one context
@@ -299,7 +350,7 @@ def _least_squares(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     # the most negative term and refit until none is left (a simple non-negative least squares).
     while True:
         solution, *_ = np.linalg.lstsq(
-            weighted[:, active] / norms[active], np.ones(len(seconds)), rcond=None
+            weighted[:, active] / norms[active], seconds * root, rcond=None
         )
         coefficients = solution / norms[active]
         worst = int(np.argmin(coefficients))

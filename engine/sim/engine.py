@@ -17,6 +17,9 @@ the host's time and then the device's; with overlap, the longer of the two, see
 ``engine.stats.IterationStats.host_time``). ``SimDecoder`` returns the same placeholder token
 for every request: outputs carry no content, and their lengths come from ``max_new_tokens`` (as
 with ``ignore_eos``), which is how workloads give them anyway.
+
+A step's tokens are padded (``StepFeatures.num_padded_tokens``) to the graph buckets of the
+engine simulated, ``padding`` (``engine.sim.padding``): its GEMMs run on the bucket's rows.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from engine.model_engine import ModelEngine
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.sim.cost_model import CostModel, StepFeatures
+from engine.sim.padding import StepPadding
+from engine.stats import StepWork
 
 # Never a vocabulary id, so it can match no EOS or stop token: a simulated request always runs
 # to max_new_tokens.
@@ -39,9 +44,15 @@ class SimModelEngine(ModelEngine):
     supports_overlap = True  # tokens are placeholders: nothing pending to fill
 
     def __init__(
-        self, cost_model: CostModel, clock: VirtualClock, vocab_size: int, max_seq_len: int
+        self,
+        cost_model: CostModel,
+        clock: VirtualClock,
+        vocab_size: int,
+        max_seq_len: int,
+        padding: StepPadding | None = None,
     ):
         self.cost_model = cost_model
+        self.padding = padding or StepPadding()  # the simulated engine's graph buckets
         self.clock = clock
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
@@ -49,9 +60,11 @@ class SimModelEngine(ModelEngine):
         self.device_free_at = 0.0  # virtual time the device ends the last step queued on it
         self._features = StepFeatures()
 
-    def step_work(self, batch: SchedulerOutput) -> tuple[float, int, int]:
-        features = self._features
-        return features.context_attention, features.decode_kv_tokens, features.max_decode_kv
+    def step_work(self, batch: SchedulerOutput) -> StepWork:
+        f = self._features
+        return StepWork(
+            f.context_attention, f.decode_kv_tokens, f.max_decode_kv, f.num_padded_tokens
+        )
 
     def forward(
         self,
@@ -61,7 +74,7 @@ class SimModelEngine(ModelEngine):
     ) -> float:
         """Queue the step on the virtual device; returns the virtual time its tokens are ready
         (what ``SimDecoder`` reads in place of logits)."""
-        self._features = features = StepFeatures.of(batch)
+        self._features = features = StepFeatures.of(batch, self.padding)
         seconds = self.cost_model.predict(features)
         if not seconds > 0:
             raise ValueError(

@@ -80,7 +80,9 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
     num_seqs = len(requests)
     kv_tokens = sum(r.num_tokens for r in requests)
     max_kv = max(r.num_tokens for r in requests)  # each request grows by one token a step
-    predict = executor.model_engine.cost_model.predict
+    engine = executor.model_engine
+    predict = engine.cost_model.predict
+    num_padded = engine.padding.padded(num_seqs, is_decode_only=True)
     pending_times: list[float] = []  # token times not yet applied to the requests
     # Rows since the KV stats last changed, written to the log in one go (all their other
     # columns are the same).
@@ -134,6 +136,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
                 "num_waiting_paused_requests": 0,
                 "input_prep_time": 0.0,
                 "context_attention": 0.0,
+                "num_padded_tokens": num_padded,
                 "forward_enqueue_time": 0.0,
                 "host_time": 0.0,
                 "device_time": float("nan"),
@@ -162,7 +165,12 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
             executor.resource_manager.prepare_resources(batch)
             num_free -= new_blocks[done]
         seconds = predict(
-            StepFeatures(num_decode_seqs=num_seqs, decode_kv_tokens=kv_tokens, max_decode_kv=max_kv)
+            StepFeatures(
+                num_decode_seqs=num_seqs,
+                decode_kv_tokens=kv_tokens,
+                max_decode_kv=max_kv,
+                num_padded_tokens=num_padded,
+            )
         )
         if not seconds > 0:
             raise ValueError(f"the cost model predicted {seconds} s for a decode step")

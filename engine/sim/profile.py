@@ -32,12 +32,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from engine.sim.cost_model import STEP_KINDS, LinearCostModel, StepFeatures
+from engine.sim.cost_model import ERRORS, STEP_KINDS, LinearCostModel, StepFeatures
+from engine.sim.padding import StepPadding
 
 FORMAT_VERSION = 1
 # Features a row may lack (profiles and runs made before they were recorded), with the value
 # they take then: a term that is 0 in every sample gets no coefficient (cost_model).
-OPTIONAL_FEATURES = {"max_decode_kv": 0}
+OPTIONAL_FEATURES = {"max_decode_kv": 0, "num_padded_tokens": 0}
 SERVING = "serving"  # the kind of the steps taken from real serving runs
 MIN_SERVING_STEPS = 30  # of one kind, for the fit of that kind to use serving steps only
 _FEATURES = tuple(f.name for f in fields(StepFeatures))
@@ -56,6 +57,9 @@ class Profile:
     command: str = ""
     created: str = ""
     calibration: list[dict[str, Any]] = field(default_factory=list)  # serving steps' sources
+    # What the fit minimises (LinearCostModel.fit): "relative" (every step alike) or
+    # "absolute" (each by its time: the total a queue sees; harness.calibrate --fit-error)
+    fit_error: str = "relative"
 
     @property
     def overlap_scheduler(self) -> bool | None:
@@ -65,33 +69,47 @@ class Profile:
         return modes.pop() if len(modes) == 1 else None
 
     def samples(self) -> list[tuple[StepFeatures, float]]:
-        return [
-            (
-                StepFeatures(**{k: row.get(k, OPTIONAL_FEATURES.get(k)) for k in _FEATURES}),
-                float(row["seconds"]),
-            )
-            for row in self.steps
-        ]
+        # Rows made before num_padded_tokens was recorded: padded as the profile's engine pads
+        # (its serving steps came from runs with the same settings).
+        padding = StepPadding.of_profile(self.engine)
+        samples = []
+        for row in self.steps:
+            features = StepFeatures(**{k: row.get(k, OPTIONAL_FEATURES.get(k)) for k in _FEATURES})
+            if "num_padded_tokens" not in row:
+                padded = padding.padded(features.num_tokens, features.is_decode_only)
+                features = replace(features, num_padded_tokens=padded)
+            samples.append((features, float(row["seconds"])))
+        return samples
 
     def fit_samples(self) -> list[tuple[StepFeatures, float]]:
         """The samples the cost model fits: per kind of step, the serving steps where there
         are at least ``MIN_SERVING_STEPS`` of them, else the profiler's."""
+        return self._fit_plan()[0]
+
+    def cost_model(self) -> LinearCostModel:
+        # Serving runs have few pure prefill steps, from the run's first seconds: a prefill fit
+        # to them, and a mixed model composed from it, would miss the steps that matter (it put
+        # llama-8b's attention cost at 6x on the H200). With serving mixed steps the context
+        # fit is free, over the serving steps, prefills and all.
+        samples, use_serving = self._fit_plan()
+        compose = False if use_serving["mixed"] else None
+        return LinearCostModel.fit(samples, compose_mixed=compose, error=self.fit_error)
+
+    def _fit_plan(self) -> tuple[list[tuple[StepFeatures, float]], dict[str, bool]]:
+        """``fit_samples`` and, per kind of step, whether they are the serving steps."""
         samples = self.samples()
         is_serving = [row.get("kind") == SERVING for row in self.steps]
         num_serving = Counter(f.kind for (f, _), s in zip(samples, is_serving, strict=True) if s)
         use_serving = {kind: num_serving[kind] >= MIN_SERVING_STEPS for kind in STEP_KINDS}
-        # Serving runs have few pure prefill steps. With serving mixed steps, the grid's prefill
-        # steps would make the mixed fit a composition of the grid's prefill rates (which miss
-        # serving contexts); without them it is a free fit to the serving steps, prefills too.
+        # With serving mixed steps, the grid's prefill steps would make the mixed fit a
+        # composition of the grid's prefill rates (which miss serving contexts).
         use_serving["prefill"] |= use_serving["mixed"]
-        return [
+        chosen = [
             sample
             for sample, serving in zip(samples, is_serving, strict=True)
             if serving == use_serving[sample[0].kind]
         ]
-
-    def cost_model(self) -> LinearCostModel:
-        return LinearCostModel.fit(self.fit_samples())
+        return chosen, use_serving
 
     def with_serving_steps(self, rows: list[dict[str, float]], source: dict[str, Any]) -> Profile:
         """A copy with ``rows`` (features, ``seconds``, optional ``host_seconds``) added as
@@ -131,6 +149,10 @@ class Profile:
                 raise ValueError(f"{path}: steps[{i}] has no {', '.join(missing)}")
             if not row["seconds"] > 0:
                 raise ValueError(f"{path}: steps[{i}].seconds must be > 0, got {row['seconds']}")
+        if data.get("fit_error", "relative") not in ERRORS:
+            raise ValueError(
+                f"{path}: fit_error must be one of {ERRORS}, got {data['fit_error']!r}"
+            )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -46,7 +46,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -682,8 +682,10 @@ class _Profiler:
             raise ProfileShapeError(
                 f"grid point {label}: the step ran {len(self._captured)} forwards, expected one"
             )
-        host = self.executor.iteration_stats[-1].forward_enqueue_time
-        return seconds, host, self._captured[0]
+        row = self.executor.iteration_stats[-1]
+        # The bucket the engine ran the step in (the spy sees the batch before the forward).
+        features = replace(self._captured[0], num_padded_tokens=row.num_padded_tokens)
+        return seconds, row.forward_enqueue_time, features
 
     def _synchronize(self) -> None:
         if self.is_cuda:
@@ -820,6 +822,8 @@ def engine_settings(llm: LLM) -> dict[str, Any]:
     mb = llm.microbatch_scheduler
     kv = llm.kv_cache_manager
     chunking = getattr(mb, "chunking", None)
+    graphs = getattr(llm.model_engine, "graph_runner", None)
+    piecewise = getattr(llm.model_engine, "piecewise_runner", None)
     return {
         "max_batch_size": mb.max_batch_size,
         "max_num_tokens": getattr(mb, "max_num_tokens", None),
@@ -827,8 +831,11 @@ def engine_settings(llm: LLM) -> dict[str, Any]:
         "num_kv_blocks": kv.num_blocks,
         "kv_fraction": getattr(kv, "free_gpu_memory_fraction", None),
         "enable_block_reuse": getattr(kv, "enable_block_reuse", False),
-        "cuda_graphs": getattr(llm.model_engine, "graph_runner", None) is not None,
-        "piecewise_cuda_graphs": getattr(llm.model_engine, "piecewise_runner", None) is not None,
+        "cuda_graphs": graphs is not None,
+        "piecewise_cuda_graphs": piecewise is not None,
+        # the buckets steps were padded to (engine/sim/padding.py)
+        "cuda_graph_batch_sizes": None if graphs is None else list(graphs.batch_sizes),
+        "piecewise_token_sizes": None if piecewise is None else list(piecewise.token_sizes),
         "attention_backend": llm.model_engine.model.attention_backend,
         # Triton kernels launched through kernels/launch.py's fast path (CUDA only)
         "fast_launch": llm.device.type == "cuda" and all(k.enabled for k in kernels.LAUNCHERS),
