@@ -17,7 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import check_component, component_kwargs, resolve_device_name
+from harness.config import (
+    check_component,
+    component_kwargs,
+    graph_settings,
+    resolve_device_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +151,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             cost_model=info["profile"],
             seed=cfg.seed,
             overlap_scheduler=cfg.executor.overlap_scheduler,
+            **graph_settings(cfg.executor),  # the buckets its steps are padded to
             **parts,
         )
     else:
@@ -155,10 +161,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             dtype=cfg.executor.dtype.value,
             seed=cfg.seed,
             attention_backend=cfg.executor.attention_backend.value,
-            enforce_eager=cfg.executor.enforce_eager,
-            cuda_graph_batch_sizes=cfg.executor.cuda_graph_batch_sizes,
-            piecewise_cuda_graphs=cfg.executor.piecewise_cuda_graphs,
-            piecewise_token_sizes=cfg.executor.piecewise_token_sizes,
+            **graph_settings(cfg.executor),
             overlap_scheduler=cfg.executor.overlap_scheduler,
             **parts,
         )

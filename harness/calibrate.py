@@ -41,6 +41,7 @@ import pandas as pd
 from engine.sim.cost_model import ERRORS, StepFeatures
 from engine.sim.padding import StepPadding
 from engine.sim.profile import Profile
+from harness.config import graph_settings
 from harness.results import RunResult, load
 
 log = logging.getLogger(__name__)
@@ -76,15 +77,11 @@ def run_padding(run: RunResult) -> StepPadding:
     config = run.config
     if run.info.get("hardware") == "cpu":  # eager
         return StepPadding()
-    executor = config.get("executor") or {}
     microbatch = config.get("microbatch_scheduler") or {}
     return StepPadding.of_engine(
         max_batch_size=microbatch.get("max_batch_size"),
         max_num_tokens=microbatch.get("max_num_tokens"),
-        enforce_eager=bool(executor.get("enforce_eager", False)),
-        cuda_graph_batch_sizes=executor.get("cuda_graph_batch_sizes"),
-        piecewise_cuda_graphs=executor.get("piecewise_cuda_graphs"),
-        piecewise_token_sizes=executor.get("piecewise_token_sizes"),
+        **graph_settings(config.get("executor") or {}),
     )
 
 

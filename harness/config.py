@@ -89,6 +89,26 @@ class SloConfig:
     e2el_ms: float | None = None
 
 
+GRAPH_SETTINGS = (  # executor keys that are LLM arguments of the same name
+    "enforce_eager",
+    "cuda_graph_batch_sizes",
+    "piecewise_cuda_graphs",
+    "piecewise_token_sizes",
+)
+
+
+def graph_settings(executor: Mapping[str, Any]) -> dict[str, Any]:
+    """The executor's CUDA-graph settings as ``LLM`` arguments: the graphs the real engine
+    captures, and the buckets the simulated one pads its steps to (``engine/sim/padding.py``).
+    ``executor``: the composed config's node, or a saved run's config (older runs may lack a
+    key: the default then)."""
+    defaults = ExecutorConfig()
+    settings = {key: executor.get(key, getattr(defaults, key)) for key in GRAPH_SETTINGS}
+    return {
+        k: list(v) if v is not None and k.endswith("_sizes") else v for k, v in settings.items()
+    }
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="executor", name="schema", node=ExecutorConfig)

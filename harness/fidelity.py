@@ -149,9 +149,9 @@ def with_real_range(
 STEP_KINDS = ("decode", "prefill", "mixed")
 
 
-def step_predictions(real: Path | list[Path], profile_path: Path) -> pd.DataFrame:
-    """Every step of the real runs under ``real`` (one directory or several) that ran a
-    batch: its variant, kind
+def step_predictions(reals: list[Path], profile_path: Path) -> pd.DataFrame:
+    """Every step of the real runs under the directories ``reals`` that ran a batch: its
+    variant, kind
     (decode / prefill / mixed), size (decode rows, or context tokens), measured seconds and the
     seconds the profile's cost model predicts for its work."""
     import numpy as np
@@ -162,8 +162,7 @@ def step_predictions(real: Path | list[Path], profile_path: Path) -> pd.DataFram
     profile = Profile.load(profile_path)
     model = profile.cost_model()
     tables = []
-    paths = real if isinstance(real, list) else [real]
-    for run in (run for path in paths for run in runs_under(path)):
+    for run in (run for path in reals for run in runs_under(path)):
         if run.status != "ok" or run.iterations.empty:
             continue
         try:
@@ -185,7 +184,7 @@ def step_predictions(real: Path | list[Path], profile_path: Path) -> pd.DataFram
             )
         )
     if not tables:
-        raise ValueError(f"{real}: no successful run with steps to check")
+        raise ValueError(f"{', '.join(map(str, reals))}: no successful run with steps to check")
     return pd.concat(tables, ignore_index=True)
 
 

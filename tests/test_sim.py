@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -665,3 +666,33 @@ def test_a_profile_of_the_other_mode_is_warned_about(caplog, calibrated_with_ove
         LLM("llama-tiny", engine="sim", cost_model=profile, overlap_scheduler=overlap)
         warned = "calibrated on runs" in caplog.text
         assert warned == (overlap != calibrated_with_overlap)
+
+
+def test_the_harness_pads_simulated_steps_with_its_graph_settings(tmp_path: Path):
+    """``executor.piecewise_token_sizes`` / ``cuda_graph_batch_sizes`` reach the simulated
+    engine: its steps are padded to those buckets (the profile's engine ran graphs)."""
+    from tests.test_harness import harness, only_dir
+
+    profile = dataclasses.replace(
+        synthetic_profile("llama-1b"),
+        engine={"max_batch_size": 256, "max_num_tokens": 8192, "cuda_graphs": True,
+                "piecewise_cuda_graphs": True},
+    )  # fmt: skip
+    profile.save(tmp_path / "p.json")
+    harness(
+        tmp_path / "runs",
+        "executor.engine=sim",
+        f"executor.profile={tmp_path / 'p.json'}",
+        "model=llama-1b",
+        "workload.num_requests=40",
+        "executor.piecewise_token_sizes=[3000,8192]",
+        "executor.cuda_graph_batch_sizes=[100,256]",
+        "progress=false",
+        "plots=false",
+    )
+    steps = pd.read_parquet(only_dir(tmp_path / "runs" / "default") / "iterations.parquet")
+    steps = steps[steps.num_context_tokens + steps.num_generation_requests > 0]
+    decode_only = steps.num_context_tokens == 0
+    assert set(steps[~decode_only].num_padded_tokens) <= {3000, 8192}
+    assert set(steps[decode_only].num_padded_tokens) <= {100, 256}
+    assert (~decode_only).any() and decode_only.any()

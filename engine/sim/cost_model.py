@@ -193,7 +193,7 @@ class LinearCostModel(CostModel):
     def fit(
         cls,
         samples: Iterable[tuple[StepFeatures, float]],
-        compose_mixed: bool | None = None,
+        compose_mixed: bool = True,
         error: str = "relative",
     ) -> LinearCostModel:
         """Fit each kind of step to ``(features, measured seconds)`` samples, minimising the
@@ -201,8 +201,7 @@ class LinearCostModel(CostModel):
         many decode-only steps as ``DECODE_TERMS`` and context steps as ``MIXED_TERMS``.
         Prefill steps get their own coefficients when there are at least
         ``2 * len(PREFILL_TERMS)`` of them and as many mixed steps (they launch fewer kernels:
-        no decode attention), unless ``compose_mixed`` is False; otherwise mixed covers both
-        (``compose_mixed=True`` insists on the prefill fit).
+        no decode attention), unless ``compose_mixed`` is False; otherwise mixed covers both.
 
         With a prefill fit, a mixed step's work is its padded rows and contexts' attention
         (prefill coefficients) plus its decodes' attention (decode coefficients); only its
@@ -223,9 +222,11 @@ class LinearCostModel(CostModel):
         if error not in ERRORS:
             raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
         decode_fit, floors["decode"] = _fit_kind(decode, DECODE_TERMS, "decode-only", error)
-        separate = len(prefill) >= 2 * len(PREFILL_TERMS) and len(mixed) >= 2 * len(MIXED_TERMS)
-        if compose_mixed is not None:
-            separate = compose_mixed
+        separate = (
+            compose_mixed
+            and len(prefill) >= 2 * len(PREFILL_TERMS)
+            and len(mixed) >= 2 * len(MIXED_TERMS)
+        )
         prefill_fit = None
         if separate:
             prefill_fit, floors["prefill"] = _fit_kind(prefill, PREFILL_TERMS, "prefill", error)

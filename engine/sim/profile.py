@@ -92,8 +92,9 @@ class Profile:
         # llama-8b's attention cost at 6x on the H200). With serving mixed steps the context
         # fit is free, over the serving steps, prefills and all.
         samples, use_serving = self._fit_plan()
-        compose = False if use_serving["mixed"] else None
-        return LinearCostModel.fit(samples, compose_mixed=compose, error=self.fit_error)
+        return LinearCostModel.fit(
+            samples, compose_mixed=not use_serving["mixed"], error=self.fit_error
+        )
 
     def _fit_plan(self) -> tuple[list[tuple[StepFeatures, float]], dict[str, bool]]:
         """``fit_samples`` and, per kind of step, whether they are the serving steps."""
