@@ -52,12 +52,15 @@ step() {  # step NAME COMMAND...: run it, time it, remember a failure
 # fcfs_vs_maxutil as configured for a GPU; an Azure window at 10x its arrival rate (~40 req/s),
 # a load that queues; holdout: another window of the trace, 40 minutes in (~5.8 req/s in the
 # trace; HOLDOUT_SCALE=0.14 puts it at ~41 req/s), to test a calibration on requests it did not
-# see (REAL_ONLY=1 NAMES="azure holdout").
+# see (REAL_ONLY=1 NAMES="azure holdout"); heavy: that window's first 1,200 requests at 20x
+# (~91 req/s: a load that queues for llama-1b; HEAVY_SCALE sets it).
 declare -A WORKLOADS=(
   [fcfs]="experiment=fcfs_vs_maxutil"
   [azure]="workload=azure workload.path=$TRACE workload.max_requests=600 workload.time_scale=0.1"
   [holdout]="workload=azure workload.path=$TRACE workload.start=2400 workload.max_requests=600 \
 workload.time_scale=${HOLDOUT_SCALE:-0.14}"
+  [heavy]="workload=azure workload.path=$TRACE workload.start=2400 workload.max_requests=1200 \
+workload.time_scale=${HEAVY_SCALE:-0.05}"
 )
 if [[ ${REAL_ONLY:-0} == 1 ]]; then
   for name in ${NAMES:-fcfs azure}; do

@@ -9,6 +9,7 @@ outputs = llm.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=Tru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -139,7 +140,9 @@ class LLM:
     ``max_tokens``, or ``free_gpu_memory_fraction`` of the profile's free memory). Outputs
     are placeholder tokens; lengths follow ``max_new_tokens``. ``sim_fast_forward``: advance runs
     of identical decode steps in one go (exact; only with policies that declare
-    ``steady_decode``, see ``engine.sim.fast_forward``). With ``overlap_scheduler`` the simulator
+    ``steady_decode``, see ``engine.sim.fast_forward``). ``sim_host_time_scale``: the simulated
+    host's time over the profiled one's (a profile with host and device times apart:
+    ``engine.sim.HostDeviceCostModel``). With ``overlap_scheduler`` the simulator
     runs the overlap loop on a virtual device, or with ``sim_fast_forward`` the plain loop with
     the admission overlap gives it (``PyExecutor(lagged_admission=True)``; the same request
     times, tested). Simulate overlap with a profile calibrated on overlap runs: their step
@@ -165,10 +168,13 @@ class LLM:
         engine: str = "torch",
         cost_model: Any = None,
         sim_fast_forward: bool = True,
+        sim_host_time_scale: float = 1.0,
         overlap_scheduler: bool = False,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if engine != "sim" and sim_host_time_scale != 1.0:
+            raise ValueError("sim_host_time_scale applies to engine='sim' only")
         self.engine = engine
         self._overlap_scheduler = overlap_scheduler
         self.microbatch_scheduler = registry.build("microbatch_scheduler", microbatch_scheduler)
@@ -189,7 +195,9 @@ class LLM:
                 piecewise_cuda_graphs=piecewise_cuda_graphs,
                 piecewise_token_sizes=piecewise_token_sizes,
             )
-            decoder, clock = self._init_sim(model, dtype, cost_model, clock, padding)
+            decoder, clock = self._init_sim(
+                model, dtype, cost_model, clock, padding, sim_host_time_scale
+            )
         else:
             self._init_torch(model, device, dtype, seed, attention_backend)
             self._build_graphs(
@@ -287,13 +295,14 @@ class LLM:
             torch.cuda.empty_cache()
 
     def _init_sim(
-        self, model, dtype, cost_model, clock, padding: StepPadding
+        self, model, dtype, cost_model, clock, padding: StepPadding, host_time_scale: float
     ) -> tuple[SimDecoder, VirtualClock]:
         """No weights, no tensors: the model's shape, a cost model and a virtual clock. Steps
         are padded to ``padding``'s graph buckets (this LLM's settings, as on a GPU) where the
-        profile's engine ran graphs too: its fitted per-row costs are per padded row then."""
+        profile's engine ran graphs too: its fitted per-row costs are per padded row then.
+        ``host_time_scale`` scales the host's part of each step (``HostDeviceCostModel``)."""
         from engine.models import load_tokenizer, model_limits, model_shape
-        from engine.sim import CostModel, Profile, SimModelEngine
+        from engine.sim import CostModel, HostDeviceCostModel, Profile, SimModelEngine
 
         if not isinstance(model, (str, os.PathLike)):
             raise ValueError("engine='sim' takes a preset name or a checkpoint directory")
@@ -307,11 +316,18 @@ class LLM:
         if isinstance(cost_model, (str, os.PathLike)):
             cost_model = Profile.load(cost_model)
         if isinstance(cost_model, Profile):
-            profile, cost_model = cost_model, cost_model.cost_model()
+            profile, cost_model = cost_model, cost_model.cost_model(host_time_scale)
             if profile.model != str(model):
                 raise ValueError(f"the profile is of model {profile.model!r}, not {str(model)!r}")
         if not isinstance(cost_model, CostModel):
             raise ValueError(f"cost_model must be a Profile, a path or a CostModel: {cost_model!r}")
+        if profile is None and host_time_scale != 1.0:
+            if not isinstance(cost_model, HostDeviceCostModel):
+                raise ValueError(
+                    f"sim_host_time_scale={host_time_scale} needs a HostDeviceCostModel (host "
+                    f"and device times apart), not a {type(cost_model).__name__}"
+                )
+            cost_model = dataclasses.replace(cost_model, host_time_scale=host_time_scale)
         self.profile = profile
         if profile is not None:
             self._warn_beyond_profile(profile)

@@ -151,6 +151,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             cost_model=info["profile"],
             seed=cfg.seed,
             overlap_scheduler=cfg.executor.overlap_scheduler,
+            sim_host_time_scale=cfg.executor.sim_host_time_scale,
             **graph_settings(cfg.executor),  # the buckets its steps are padded to
             **parts,
         )
@@ -163,6 +164,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             attention_backend=cfg.executor.attention_backend.value,
             **graph_settings(cfg.executor),
             overlap_scheduler=cfg.executor.overlap_scheduler,
+            sim_host_time_scale=cfg.executor.sim_host_time_scale,  # an error unless 1
             **parts,
         )
     if cfg.executor.warmup and not is_sim:

@@ -24,7 +24,11 @@ to one workload's serving steps predicted another workload's to within a few per
 (docs/performance.md). Check a calibrated profile on runs it was not calibrated with.
 
 Prints, per kind of step, how far the profile's cost model was from the runs' measured time
-before and after (``bias``: predicted total / measured total - 1).
+before and after (``bias``: predicted total / measured total - 1). Overlap runs on a GPU record
+each step's host and device times apart; the profile keeps both, its cost model fits them apart
+(``engine.sim.HostDeviceCostModel``), and the command also prints each run's host time over the
+calibrated host model: the ``executor.sim_host_time_scale`` that simulates that run's host (the
+lent H200 hosts ran the same steps 1.9x apart from one machine or minute to another).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.sim.cost_model import ERRORS, StepFeatures
+from engine.sim.cost_model import ERRORS, HostDeviceCostModel, StepFeatures
 from engine.sim.padding import StepPadding
 from engine.sim.profile import Profile
 from harness.config import graph_settings
@@ -124,6 +128,9 @@ def serving_steps(run: RunResult, model: str) -> pd.DataFrame:
     seconds = np.fmax(steps.host_time, steps.device_time) if overlap else steps.step_latency
     frame["seconds"] = seconds
     frame["host_seconds"] = steps.get("forward_enqueue_time", 0.0)
+    if overlap:  # what a HostDeviceCostModel fits apart (device_time NaN off CUDA: no split)
+        frame["host_time"] = steps.host_time
+        frame["device_time"] = steps.device_time
     return frame.reset_index(drop=True)
 
 
@@ -193,7 +200,10 @@ def calibrate(
         if steps.empty:
             raise ValueError(f"{run.path}: no step ran a batch")
         tables.append(steps)
-        rows = sample_steps(steps, max_steps).drop(columns="kind").to_dict("records")
+        rows = [
+            {k: v for k, v in row.items() if v == v}  # NaN (no device_time): not recorded
+            for row in sample_steps(steps, max_steps).drop(columns="kind").to_dict("records")
+        ]
         source = {
             "run": str(run.path),
             "variant": run.info.get("variant"),
@@ -204,6 +214,7 @@ def calibrate(
             "overlap_scheduler": is_overlap_run(run),
         }
         profile = profile.with_serving_steps(rows, source)
+        steps["run"] = str(run.path)
     return profile, pd.concat(tables, ignore_index=True)
 
 
@@ -225,6 +236,31 @@ def bias_table(before: Profile, after: Profile, steps: pd.DataFrame) -> pd.DataF
                 "measured_s": round(measured, 3),
                 "bias_before": f"{100 * (group.before.sum() / measured - 1):+.1f}%",
                 "bias_after": f"{100 * (group.after.sum() / measured - 1):+.1f}%",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def host_time_table(profile: Profile, steps: pd.DataFrame) -> pd.DataFrame | None:
+    """Per run of ``steps`` (``calibrate``'s table): its host time over the profile's host
+    model (``HostDeviceCostModel``), the median over its steps with prompt tokens (where the
+    host can hold the pipeline; all its steps if it has none): the
+    ``executor.sim_host_time_scale`` that simulates its host. None: no split model."""
+    model = profile.cost_model()
+    if not isinstance(model, HostDeviceCostModel) or "host_time" not in steps:
+        return None
+    steps = steps.dropna(subset=["host_time"])
+    predicted = np.array([model.host.predict(f) for f in features(steps)])
+    steps = steps.assign(ratio=steps.host_time.to_numpy() / predicted)
+    rows = []
+    for run, group in steps.groupby("run", sort=False):
+        context = group[group.kind != "decode"]
+        chosen = context if len(context) else group
+        rows.append(
+            {
+                "run": run,
+                "steps": len(chosen),
+                "host_time_scale": round(float(chosen.ratio.median()), 2),
             }
         )
     return pd.DataFrame(rows)
@@ -255,11 +291,18 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run for path in args.real for run in runs_under(path)]  # each read once
         calibrated, steps = calibrate(profile, runs, args.max_steps, args.fit_error)
         table = bias_table(profile, calibrated, steps)
+        hosts = host_time_table(calibrated, steps)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     calibrated.save(args.out)
     print(table.to_string(index=False))
+    if hosts is not None:
+        print(
+            "\nhost time of each run over the calibrated profile's (executor.sim_host_time_scale "
+            "simulates that host; runs far apart blur the fit):"
+        )
+        print(hosts.to_string(index=False))
     num_added = len(calibrated.steps) - len(profile.steps)
     print(f"\nwrote {args.out}: {num_added} serving steps added to {len(profile.steps)}")
     return 0

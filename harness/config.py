@@ -70,6 +70,10 @@ class ExecutorConfig:
     # engine.sim.profiler and python -m harness.calibrate)
     profile: str | None = None
     sim_device: str = "h200"  # the GPU our runs use since 2026-11-28 (h100 also committed)
+    # engine=sim with overlap: the simulated host's time over the profiled one's (2.0: a host
+    # twice as slow; python -m harness.calibrate prints a real run's). Needs a profile with host
+    # and device times apart (engine.sim.HostDeviceCostModel).
+    sim_host_time_scale: float = 1.0
 
 
 @dataclass

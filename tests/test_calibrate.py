@@ -15,7 +15,7 @@ import pytest
 from engine.sim.cost_model import PREFILL_TERMS, StepFeatures
 from engine.sim.padding import StepPadding
 from engine.sim.profile import MIN_SERVING_STEPS, SERVING, Profile
-from harness.calibrate import main
+from harness.calibrate import features, main
 from tests.test_harness import harness, only_dir
 from tests.test_sim import law, synthetic_profile
 
@@ -249,7 +249,27 @@ def test_an_overlap_run_is_calibrated_to_its_steps_host_or_device_time(tmp_path:
     serving = [row for row in calibrated.steps if row.get("kind") == SERVING]
     assert [r["seconds"] for r in serving] == worked.host_time.tolist()
     assert calibrated.calibration[0]["overlap_scheduler"] is True
-    capsys.readouterr()
+    # No device time on the CPU: the rows keep the host's, and the fit is not split.
+    assert all("device_time" not in r and r["host_time"] > 0 for r in serving)
+    assert not calibrated.has_host_device_split
+    assert "host time of each run" not in capsys.readouterr().out
+
+    # The same run as a GPU run would record it (device time beside the host's), onto a
+    # profile with split serving steps of every kind: the fit is split, and the run's host
+    # time over the calibrated host model is printed.
+    from tests.test_sim import split_profile
+
+    timed = iterations.assign(device_time=0.5 * iterations.host_time)
+    timed.to_parquet(run / "iterations.parquet")
+    dataclasses.replace(split_profile("llama-tiny"), device="cpu").save(tmp_path / "split.json")
+    assert main([str(run), "--profile", str(tmp_path / "split.json"), "--out", str(out)]) == 0
+    calibrated = Profile.load(out)
+    serving = calibrated.steps[-len(worked) :]
+    assert [r["device_time"] for r in serving] == (0.5 * worked.host_time).tolist()
+    assert calibrated.has_host_device_split
+    printed = capsys.readouterr().out
+    assert "host time of each run" in printed and "host_time_scale" in printed
+    assert str(run) in printed
 
     iterations.drop(columns=["host_time", "device_time"]).to_parquet(run / "old.parquet")
     (run / "iterations.parquet").unlink()
@@ -295,3 +315,24 @@ def test_a_run_before_the_padded_column_is_padded_as_its_config_says(tmp_path: P
     ]
     assert serving_padded() == expected != tokens
     capsys.readouterr()
+
+
+def test_the_host_time_table_gives_each_runs_host_over_the_fitted_one():
+    """Two runs, one on a host twice as slow: calibrated together, the table puts the second
+    at twice the first (the scale that simulates each one's host)."""
+    from harness.calibrate import host_time_table
+    from tests.test_sim import split_profile
+
+    grid_size = len(split_profile().steps) - 80
+    rows = {scale: split_profile(host_scale=scale).steps[grid_size:] for scale in (1.0, 2.0)}
+    profile = synthetic_profile("llama-1b")
+    for scale, serving in rows.items():
+        profile = profile.with_serving_steps(serving, {"run": scale, "overlap_scheduler": True})
+    frame = pd.DataFrame([{**row, "run": scale} for scale, rs in rows.items() for row in rs])
+    frame["kind"] = [f.kind for f in features(frame)]
+    table = host_time_table(profile, frame).set_index("run").host_time_scale
+    assert table[2.0] / table[1.0] == pytest.approx(2.0, rel=0.03)
+    assert table[1.0] < 1 < table[2.0]  # the fit lies between the two hosts
+    # Without the split (no overlap runs), no table.
+    plain = dataclasses.replace(profile, calibration=[])
+    assert host_time_table(plain, frame) is None

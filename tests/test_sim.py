@@ -696,3 +696,123 @@ def test_the_harness_pads_simulated_steps_with_its_graph_settings(tmp_path: Path
     assert set(steps[~decode_only].num_padded_tokens) <= {3000, 8192}
     assert set(steps[decode_only].num_padded_tokens) <= {100, 256}
     assert (~decode_only).any() and decode_only.any()
+
+
+# A host-time law beside ``law`` (the device's): the host pays per sequence and per prompt row.
+HOST_DECODE = {"intercept": 3e-3, "num_decode_seqs": 2e-5}
+HOST_MIXED = {"intercept": 6e-3, "num_padded_tokens": 1e-6, "num_decode_seqs": 2e-5}
+
+
+def host_law(features: StepFeatures) -> float:
+    return LinearCostModel(HOST_DECODE, HOST_MIXED).predict(features)
+
+
+def split_profile(model: str = "llama-1b", host_scale: float = 1.0) -> Profile:
+    """``synthetic_profile`` plus overlap serving steps whose host time is ``host_scale`` times
+    ``host_law`` and whose device time is ``law``."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(80):
+        seqs, kv = int(rng.integers(1, 128)), int(rng.integers(100, 2000))
+        f = StepFeatures(num_decode_seqs=seqs, decode_kv_tokens=seqs * kv)
+        if i % 2:
+            tokens = int(rng.integers(64, 4096))
+            f = dataclasses.replace(
+                f,
+                num_context_seqs=int(rng.integers(1, 4)),
+                num_context_tokens=tokens,
+                context_attention=tokens * float(rng.integers(tokens // 2, 4 * tokens)),
+                num_padded_tokens=tokens + seqs,
+            )
+        host, device = host_scale * host_law(f), law(f)
+        rows.append({**f.as_dict(), "seconds": max(host, device), "host_time": host,
+                     "device_time": device})  # fmt: skip
+    source = {"run": f"host x{host_scale}", "overlap_scheduler": True}
+    return synthetic_profile(model).with_serving_steps(rows, source)
+
+
+def test_a_host_device_model_predicts_the_longer_of_its_scaled_host_and_device_times():
+    from engine.sim import HostDeviceCostModel
+
+    model = split_profile().cost_model()
+    assert isinstance(model, HostDeviceCostModel) and model.host_time_scale == 1.0
+    small = StepFeatures(num_decode_seqs=4, decode_kv_tokens=4 * 300)  # host-bound
+    big = StepFeatures(
+        num_context_seqs=1, num_context_tokens=4000, context_attention=8e6, num_decode_seqs=100,
+        decode_kv_tokens=100 * 1000, num_padded_tokens=4096,
+    )  # fmt: skip
+    for f in (small, big):
+        assert model.host.predict(f) == pytest.approx(host_law(f), rel=1e-6)
+        assert model.device.predict(f) == pytest.approx(law(f), rel=1e-6)
+    assert host_law(small) > law(small) and law(big) > host_law(big)
+    assert model.predict(small) == pytest.approx(host_law(small), rel=1e-6)
+    assert model.predict(big) == pytest.approx(law(big), rel=1e-6)
+    # A host twice as slow: the host-bound step doubles, the device-bound one holds while the
+    # device stays the longer.
+    slower = split_profile().cost_model(host_time_scale=2.0)
+    assert slower.predict(small) == pytest.approx(2 * host_law(small), rel=1e-6)
+    assert slower.predict(big) == pytest.approx(max(law(big), 2 * host_law(big)), rel=1e-6)
+    with pytest.raises(ValueError, match="host_time_scale must be > 0"):
+        dataclasses.replace(model, host_time_scale=0.0)
+
+
+def test_only_overlap_steps_that_all_record_both_times_split_the_model():
+    split = split_profile()
+    assert split.has_host_device_split
+    # A plain run's serving steps (no overlap): their times are whole steps, no split.
+    plain = dataclasses.replace(split, calibration=[{"run": "a", "overlap_scheduler": False}])
+    assert not plain.has_host_device_split
+    assert isinstance(plain.cost_model(), LinearCostModel)
+    with pytest.raises(ValueError, match="needs a profile whose serving steps record host_time"):
+        plain.cost_model(host_time_scale=2.0)
+    # One fitted step without its device time (a CPU run): no split either.
+    steps = [dict(row) for row in split.steps]
+    del steps[-1]["device_time"]
+    assert not dataclasses.replace(split, steps=steps).has_host_device_split
+
+
+def test_the_sim_llm_runs_a_slower_host_and_refuses_it_where_the_model_cannot(tmp_path: Path):
+    """``sim_host_time_scale`` reaches the cost model: the same requests finish later on a
+    host twice as slow (this profile's small steps are host-bound)."""
+    profile = split_profile()
+
+    def finish_times(**kwargs) -> list[float]:
+        llm = sim_llm(profile, overlap_scheduler=True, **kwargs)
+        prompts = [[1] * 40 for _ in range(4)]
+        outputs = llm.generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
+        return [o.metrics.e2e_latency for o in outputs]
+
+    base, slower = finish_times(), finish_times(sim_host_time_scale=2.0)
+    assert all(s > 1.5 * b for b, s in zip(base, slower, strict=True))
+    with pytest.raises(ValueError, match="needs a profile whose serving steps record"):
+        sim_llm(synthetic_profile("llama-1b"), sim_host_time_scale=2.0)
+    with pytest.raises(ValueError, match="needs a HostDeviceCostModel"):
+        LLM("llama-1b", engine="sim", cost_model=LinearCostModel(DECODE, MIXED),
+            sim_host_time_scale=2.0)  # fmt: skip
+    with pytest.raises(ValueError, match="applies to engine='sim' only"):
+        LLM("llama-tiny", device="cpu", sim_host_time_scale=2.0)
+
+
+def test_the_harness_simulates_the_host_its_config_names(tmp_path: Path):
+    """``executor.sim_host_time_scale`` reaches the simulated engine: a host three times as
+    slow stretches the run's host-bound steps (every step of this light load)."""
+    from tests.test_harness import harness, only_dir
+
+    split_profile().save(tmp_path / "p.json")
+    durations = {}
+    for scale in (1.0, 3.0):
+        out = tmp_path / f"x{scale}"
+        harness(
+            out,
+            "executor.engine=sim",
+            f"executor.profile={tmp_path / 'p.json'}",
+            f"executor.sim_host_time_scale={scale}",
+            "model=llama-1b",
+            "workload.num_requests=10",
+            "workload.rate=1",
+            "progress=false",
+            "plots=false",
+        )
+        steps = pd.read_parquet(only_dir(out / "default") / "iterations.parquet")
+        durations[scale] = steps.step_latency.median()
+    assert durations[3.0] == pytest.approx(3 * durations[1.0], rel=0.2)

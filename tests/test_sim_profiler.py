@@ -495,3 +495,13 @@ def test_committed_profiles_fit_their_own_serving_steps(device, overlap, model):
     full = cost.predict(StepFeatures(num_decode_seqs=256, decode_kv_tokens=256 * 1024))
     assert 0 < one < full
     assert profile.memory["free_bytes_for_kv"] > profile.memory["kv_pool_bytes"] > 0
+
+
+def test_the_report_of_a_split_profile_gives_both_fits():
+    from tests.test_sim import split_profile
+
+    split = split_profile()
+    report = fit_report(split)
+    assert "host: LinearCostModel" in report and "device: LinearCostModel" in report
+    plain = dataclasses.replace(split, calibration=[])  # no overlap source: one fit
+    assert report.count("floor") == 2 * fit_report(plain).count("floor") > 0

@@ -1,6 +1,7 @@
 """The simulated engine (``executor.engine=sim``): same executor and policies, predicted time.
 
-cost_model.py  StepFeatures, CostModel, RooflineCostModel (baseline), LinearCostModel (fitted)
+cost_model.py  StepFeatures, CostModel, RooflineCostModel (baseline), LinearCostModel (fitted),
+               HostDeviceCostModel (overlap: the host's and the device's times fitted apart)
 padding.py     StepPadding: the graph buckets a real step's dense layers run on
 profile.py     Profile: measured step times of the real engine for one (device, model)
 profiler.py    python -m engine.sim.profiler: runs the real engine over a grid, writes a profile
@@ -8,13 +9,20 @@ engine.py      SimModelEngine, SimDecoder
 fast_forward.py  runs of identical decode steps advanced in one go
 """
 
-from engine.sim.cost_model import CostModel, LinearCostModel, RooflineCostModel, StepFeatures
+from engine.sim.cost_model import (
+    CostModel,
+    HostDeviceCostModel,
+    LinearCostModel,
+    RooflineCostModel,
+    StepFeatures,
+)
 from engine.sim.engine import PLACEHOLDER_TOKEN, SimDecoder, SimModelEngine
 from engine.sim.profile import Profile, available_profiles, default_profile_path
 
 __all__ = [
     "PLACEHOLDER_TOKEN",
     "CostModel",
+    "HostDeviceCostModel",
     "LinearCostModel",
     "Profile",
     "RooflineCostModel",

@@ -40,6 +40,14 @@ Two models, one interface (``CostModel.predict``):
               |           /
               |__________/   floor (host: launches)
               +-------------------- context tokens
+
+``HostDeviceCostModel``: with overlap scheduling a step holds the pipeline for the longer of the
+host's time (schedule, build the inputs, launch the kernels) and the device's
+(``IterationStats.host_time``, ``device_time``). Where a profile's serving steps record both, each
+gets its own ``LinearCostModel`` and a step costs ``max(host_time_scale * host, device)``. The
+host is the part that changes with the machine: on the H200 hosts the same llama-1b run took
+4.5 ms or 8 ms of host time per mixed step from one machine to another, and its device time did
+not move (docs/performance.md, "Host speed"); ``host_time_scale`` simulates that host.
 """
 
 from __future__ import annotations
@@ -145,6 +153,26 @@ class RooflineCostModel(CostModel):
         return self.overhead + gemm + kv_read + attention
 
 
+@dataclass(frozen=True)
+class HostDeviceCostModel(CostModel):
+    """An overlap step: ``max(host_time_scale * host.predict, device.predict)``, the host's and
+    the device's times fitted apart (``Profile.cost_model``). ``host_time_scale``: the simulated
+    host's time over the profiled one's (2.0: a host twice as slow); ``harness.calibrate``
+    prints each real run's."""
+
+    host: CostModel
+    device: CostModel
+    host_time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.host_time_scale > 0:
+            raise ValueError(f"host_time_scale must be > 0, got {self.host_time_scale}")
+
+    def predict(self, features: StepFeatures) -> float:
+        host = self.host_time_scale * self.host.predict(features)
+        return max(host, self.device.predict(features))
+
+
 STEP_KINDS = ("decode", "prefill", "mixed")  # StepFeatures.kind
 ERRORS = ("relative", "absolute")  # what LinearCostModel.fit minimises (squared, summed)
 DECODE_TERMS = ("intercept", "num_decode_seqs", "decode_kv_tokens", "max_decode_kv")
@@ -175,19 +203,32 @@ class LinearCostModel(CostModel):
     mixed: Mapping[str, float]
     prefill: Mapping[str, float] | None = None
     floors: Mapping[str, float] = field(default_factory=dict)  # kind -> seconds (default 0)
+    # kind -> (floor, intercept, its nonzero (term, weight) pairs): what predict reads
+    _compiled: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        compiled = {}
+        for kind in STEP_KINDS:
+            coefficients = getattr(self, kind)
+            if coefficients is None:  # prefill steps fall to mixed
+                continue
+            terms = tuple((t, w) for t, w in coefficients.items() if t != "intercept" and w)
+            compiled[kind] = (self.floors.get(kind, 0.0), coefficients.get("intercept", 0.0), terms)
+        object.__setattr__(self, "_compiled", compiled)
 
     def predict(self, features: StepFeatures) -> float:
-        # Runs once a simulated step: attribute reads, no dict of the features.
+        # Runs once a simulated step (twice with HostDeviceCostModel): attribute reads of the
+        # nonzero terms only, no dict of the features.
         if features.num_context_tokens == 0:
-            kind, coefficients = "decode", self.decode
+            kind = "decode"
         elif features.num_decode_seqs == 0 and self.prefill is not None:
-            kind, coefficients = "prefill", self.prefill
+            kind = "prefill"
         else:
-            kind, coefficients = "mixed", self.mixed
-        seconds = 0.0
-        for term, weight in coefficients.items():
-            seconds += weight if term == "intercept" else weight * getattr(features, term)
-        return max(seconds, self.floors.get(kind, 0.0))
+            kind = "mixed"
+        floor, seconds, terms = self._compiled[kind]
+        for term, weight in terms:
+            seconds += weight * getattr(features, term)
+        return max(seconds, floor)
 
     @classmethod
     def fit(

@@ -12,9 +12,10 @@ a GPU: a step queued while another runs starts when that one ends::
     plain loop        step n+1 scheduled at t1 (after step n's tokens), n+2 at t2
     overlap loop      step n+1 scheduled at t0 (while step n runs),     n+2 at t1
 
-Host time is not modeled apart: a profile's step times carry what the host adds (in plain runs,
-the host's time and then the device's; with overlap, the longer of the two, see
-``engine.stats.IterationStats.host_time``). ``SimDecoder`` returns the same placeholder token
+A step's time carries what the host adds: in plain runs, the host's time and then the device's;
+with overlap, the longer of the two (``engine.stats.IterationStats.host_time``), which a profile
+whose serving steps record both predicts apart (``cost_model.HostDeviceCostModel``: a faster or
+slower host is a scale on one of them). ``SimDecoder`` returns the same placeholder token
 for every request: outputs carry no content, and their lengths come from ``max_new_tokens`` (as
 with ``ignore_eos``), which is how workloads give them anyway.
 

@@ -14,7 +14,12 @@ Written by ``python -m engine.sim.profiler`` and read by the simulated engine, w
 ``host_seconds`` (optional: the profiler writes it since 2026-11-28, after the committed H100
 profiles were made) is the step's host time until its kernels were queued
 (``IterationStats.forward_enqueue_time``): where it is close to ``seconds`` the step was bound by
-the host, not the device. The fit does not use it yet.
+the host, not the device. The fit does not use it.
+
+Serving steps of overlap runs also carry ``host_time`` and ``device_time`` (the run's
+``IterationStats`` columns; calibrated since 2026-11-28): where every step the fit uses has both,
+the cost model fits them apart and predicts their max (``HostDeviceCostModel``), so that a run can
+be simulated on a faster or slower host (``cost_model(host_time_scale=...)``).
 
 Steps of kind ``serving`` come from real serving runs (``python -m harness.calibrate``), with
 their sources in ``calibration``. Where a profile has at least ``MIN_SERVING_STEPS`` serving steps
@@ -32,7 +37,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from engine.sim.cost_model import ERRORS, STEP_KINDS, LinearCostModel, StepFeatures
+from engine.sim.cost_model import (
+    ERRORS,
+    STEP_KINDS,
+    CostModel,
+    HostDeviceCostModel,
+    LinearCostModel,
+    StepFeatures,
+)
 from engine.sim.padding import StepPadding
 
 FORMAT_VERSION = 1
@@ -41,6 +53,7 @@ FORMAT_VERSION = 1
 OPTIONAL_FEATURES = {"max_decode_kv": 0, "num_padded_tokens": 0}
 SERVING = "serving"  # the kind of the steps taken from real serving runs
 MIN_SERVING_STEPS = 30  # of one kind, for the fit of that kind to use serving steps only
+HOST_DEVICE = {"host_time", "device_time"}  # a row's split of its time (overlap serving steps)
 _FEATURES = tuple(f.name for f in fields(StepFeatures))
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -84,20 +97,55 @@ class Profile:
     def fit_samples(self) -> list[tuple[StepFeatures, float]]:
         """The samples the cost model fits: per kind of step, the serving steps where there
         are at least ``MIN_SERVING_STEPS`` of them, else the profiler's."""
-        return self._fit_plan()[0]
+        samples, _, _ = self._fit_plan()
+        return samples
 
-    def cost_model(self) -> LinearCostModel:
+    @property
+    def has_host_device_split(self) -> bool:
+        """Whether every step the fit uses records ``host_time`` and ``device_time`` (overlap
+        serving steps): the cost model is then a ``HostDeviceCostModel``."""
+        return self._is_split(self._fit_plan()[2])
+
+    def _is_split(self, rows: list[dict[str, float]]) -> bool:
+        return self.overlap_scheduler is True and all(row.keys() >= HOST_DEVICE for row in rows)
+
+    def cost_model(self, host_time_scale: float = 1.0) -> CostModel:
+        """The fitted step-time model: a ``HostDeviceCostModel`` where the profile has the
+        split (``host_time_scale``: the simulated host's time over the profiled one's), else a
+        ``LinearCostModel`` of the steps' times (``host_time_scale`` must then be 1)."""
         # Serving runs have few pure prefill steps, from the run's first seconds: a prefill fit
         # to them, and a mixed model composed from it, would miss the steps that matter (it put
         # llama-8b's attention cost at 6x on the H200). With serving mixed steps the context
         # fit is free, over the serving steps, prefills and all.
-        samples, use_serving = self._fit_plan()
-        return LinearCostModel.fit(
-            samples, compose_mixed=not use_serving["mixed"], error=self.fit_error
-        )
+        samples, use_serving, rows = self._fit_plan()
 
-    def _fit_plan(self) -> tuple[list[tuple[StepFeatures, float]], dict[str, bool]]:
-        """``fit_samples`` and, per kind of step, whether they are the serving steps."""
+        def fit(times: list[float]) -> LinearCostModel:
+            return LinearCostModel.fit(
+                [(f, t) for (f, _), t in zip(samples, times, strict=True)],
+                compose_mixed=not use_serving["mixed"],
+                error=self.fit_error,
+            )
+
+        if self._is_split(rows):
+            return HostDeviceCostModel(
+                host=fit([float(row["host_time"]) for row in rows]),
+                device=fit([float(row["device_time"]) for row in rows]),
+                host_time_scale=host_time_scale,
+            )
+        if host_time_scale != 1.0:
+            raise ValueError(
+                f"host_time_scale={host_time_scale} needs a profile whose serving steps record "
+                "host_time and device_time (overlap runs calibrated since 2026-11-28, "
+                f"python -m harness.calibrate); the {self.model} profile of {self.device} "
+                "does not"
+            )
+        return fit([seconds for _, seconds in samples])
+
+    def _fit_plan(
+        self,
+    ) -> tuple[list[tuple[StepFeatures, float]], dict[str, bool], list[dict[str, float]]]:
+        """``fit_samples``, per kind of step whether they are the serving steps, and their
+        rows."""
         samples = self.samples()
         is_serving = [row.get("kind") == SERVING for row in self.steps]
         num_serving = Counter(f.kind for (f, _), s in zip(samples, is_serving, strict=True) if s)
@@ -106,15 +154,16 @@ class Profile:
         # composition of the grid's prefill rates (which miss serving contexts).
         use_serving["prefill"] |= use_serving["mixed"]
         chosen = [
-            sample
-            for sample, serving in zip(samples, is_serving, strict=True)
+            i
+            for i, (sample, serving) in enumerate(zip(samples, is_serving, strict=True))
             if serving == use_serving[sample[0].kind]
         ]
-        return chosen, use_serving
+        return [samples[i] for i in chosen], use_serving, [self.steps[i] for i in chosen]
 
     def with_serving_steps(self, rows: list[dict[str, float]], source: dict[str, Any]) -> Profile:
-        """A copy with ``rows`` (features, ``seconds``, optional ``host_seconds``) added as
-        serving steps, and ``source`` (where they came from) in ``calibration``."""
+        """A copy with ``rows`` (features, ``seconds``, optional ``host_seconds``, ``host_time``
+        and ``device_time``) added as serving steps, and ``source`` (where they came from) in
+        ``calibration``."""
         steps = [{"kind": SERVING, **row} for row in rows]
         return replace(self, steps=[*self.steps, *steps], calibration=[*self.calibration, source])
 

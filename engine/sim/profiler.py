@@ -56,7 +56,7 @@ import torch
 import kernels
 from engine.llm import LLM, resolve_device, resolve_dtype
 from engine.request import Request, SamplingParams, num_blocks_for
-from engine.sim.cost_model import LinearCostModel, StepFeatures
+from engine.sim.cost_model import HostDeviceCostModel, LinearCostModel, StepFeatures
 from engine.sim.profile import Profile
 
 # The ``kind`` of a profile step: which grid group measured it.
@@ -903,14 +903,22 @@ def fit_report(profile: Profile) -> str:
     (|predicted - measured| / measured) by kind of step, and how well a fit to the grid points
     alone predicts the replay steps (a serving run it has not seen), as a short table."""
     model = profile.cost_model()
-    lines = ["LinearCostModel (seconds per unit of each term; floor in seconds)"]
-    for kind in ("decode", "prefill", "mixed"):
-        coefficients = getattr(model, kind)
-        if coefficients is None:
-            continue
-        for term, value in coefficients.items():
-            lines.append(f"  {kind:<7} {term:<19} {value:>11.4e}")
-        lines.append(f"  {kind:<7} {'floor':<19} {model.floors.get(kind, 0.0):>11.4e}")
+    # A calibrated overlap profile fits the host's and the device's times apart.
+    parts = (
+        [("host: ", model.host), ("device: ", model.device)]
+        if isinstance(model, HostDeviceCostModel)
+        else [("", model)]
+    )
+    lines = []
+    for name, part in parts:
+        lines.append(f"{name}LinearCostModel (seconds per unit of each term; floor in seconds)")
+        for kind in ("decode", "prefill", "mixed"):
+            coefficients = getattr(part, kind)
+            if coefficients is None:
+                continue
+            for term, value in coefficients.items():
+                lines.append(f"  {kind:<7} {term:<19} {value:>11.4e}")
+            lines.append(f"  {kind:<7} {'floor':<19} {part.floors.get(kind, 0.0):>11.4e}")
     errors: dict[str, list[float]] = {}
     host_shares: dict[str, list[float]] = {}  # host_seconds / seconds, where recorded
     for row, (features, seconds) in zip(profile.steps, profile.samples(), strict=True):
