@@ -16,6 +16,9 @@ within the target (5% for latencies, 3% for throughputs), prints the table, and 
 profile and compared with its measured time, per kind of step and size (``steps.csv``), and
 plotted predicted against measured (``steps.png``). Where the
 end metrics are off, this says which steps the profile mispredicts, with no simulation between.
+With a profile that fits the host's time apart, it also gives each real run's host time over the
+profile's (``host_time.csv``): a real run on a host more than 10% off the simulated one
+(``executor.sim_host_time_scale``) is named, with the scale that simulates it.
 
 The second directory may also be another real run of the same workload: the table is then the
 real engine's own spread, the floor under any simulator's error on that workload
@@ -188,6 +191,36 @@ def step_predictions(reals: list[Path], profile_path: Path) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
+def host_time_scales(reals: list[Path], profile_path: Path) -> pd.DataFrame | None:
+    """Per real run under ``reals``: its host time over the profile's host model
+    (``harness.calibrate.host_time_table``: the ``executor.sim_host_time_scale`` that simulates
+    its host). None where the profile does not fit the host apart."""
+    from engine.sim.profile import Profile
+    from harness.calibrate import host_time_table, runs_under, serving_steps
+
+    profile = Profile.load(profile_path)
+    if not profile.has_host_device_split:
+        return None
+    tables = [
+        serving_steps(run, profile.model).assign(run=str(run.path))
+        for path in reals
+        for run in runs_under(path)
+        if run.status == "ok" and not run.iterations.empty
+    ]
+    return host_time_table(profile, pd.concat(tables, ignore_index=True)) if tables else None
+
+
+def simulated_host_scale(sim: Path) -> float:
+    """The ``executor.sim_host_time_scale`` the simulated runs under ``sim`` used (1 if unset)."""
+    from harness.calibrate import runs_under
+
+    scales = {
+        float((run.config.get("executor") or {}).get("sim_host_time_scale", 1.0))
+        for run in runs_under(sim)
+    }
+    return scales.pop() if len(scales) == 1 else 1.0
+
+
 def step_table(steps: pd.DataFrame) -> pd.DataFrame:
     """One row per (variant, kind of step, size bucket) of ``step_predictions``: the steps'
     count, measured and predicted total seconds, their ratio - 1 (``bias``) and the median and
@@ -332,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             table = with_real_range(table, spread)
         if args.spread is not None:
             table = with_spread(table, real, run_summaries(args.spread))
-        steps = None if args.profile is None else step_predictions(reals, args.profile)
+        steps = hosts = None
+        if args.profile is not None:
+            steps = step_predictions(reals, args.profile)
+            hosts = host_time_scales(reals, args.profile)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -368,6 +404,22 @@ def main(argv: list[str] | None = None) -> int:
         shown = summary.assign(**percent).round(3)
         for variant, rows in shown.groupby("variant", sort=False):
             print(f"{variant}\n{rows.drop(columns='variant').to_string(index=False)}")
+    if hosts is not None:
+        hosts.to_csv(out / "host_time.csv", index=False)
+        simulated = simulated_host_scale(sim)
+        print(
+            f"\neach real run's host time over the profile's (the simulation used "
+            f"executor.sim_host_time_scale={simulated:g}; wrote host_time.csv)"
+        )
+        print(hosts.to_string(index=False))
+        # A host more than 10% off the simulated one moves the host-bound steps by as much.
+        off = hosts[(hosts.host_time_scale / simulated - 1).abs() > 0.1]
+        if len(off):
+            scale = float(off.host_time_scale.median())
+            print(
+                f"{len(off)} of {len(hosts)} real runs ran on a host more than 10% off the "
+                f"simulated one: simulate theirs with executor.sim_host_time_scale={scale:g}"
+            )
     return 0
 
 

@@ -140,3 +140,36 @@ def test_step_check_of_a_sim_run_against_its_own_profile_is_exact(tmp_path: Path
     iterations.drop(columns="decode_kv_tokens").to_parquet(run / "iterations.parquet")
     assert main([str(run), str(run), "--out", str(report), "--profile", str(profile)]) == 2
     assert "no decode_kv_tokens column" in capsys.readouterr().err
+
+
+def test_the_profile_check_gives_each_real_runs_host_scale(tmp_path: Path, capsys):
+    """With a profile that fits the host apart, ``--profile`` gives each real run's host time
+    over the profile's, and names the runs whose host is more than 10% off the simulated one."""
+    import dataclasses
+
+    from engine.sim.profile import Profile
+    from harness.calibrate import host_time_table, runs_under, serving_steps
+    from tests.test_calibrate import cpu_run
+    from tests.test_sim import split_profile, synthetic_profile
+
+    run = cpu_run(tmp_path, "executor.overlap_scheduler=true")
+    dataclasses.replace(split_profile("llama-tiny"), device="cpu").save(tmp_path / "split.json")
+    report = tmp_path / "report"
+    args = [str(run), str(run), "--out", str(report), "--profile", str(tmp_path / "split.json")]
+    assert main(args) == 0
+    hosts = pd.read_csv(report / "host_time.csv")
+    steps = serving_steps(runs_under(run)[0], "llama-tiny").assign(run=str(run))
+    expected = host_time_table(Profile.load(tmp_path / "split.json"), steps)
+    assert hosts.run.tolist() == [str(run)]
+    assert hosts.host_time_scale.tolist() == expected.host_time_scale.tolist()
+    printed = capsys.readouterr().out
+    assert "executor.sim_host_time_scale=1;" in printed
+    off = abs(hosts.host_time_scale[0] - 1) > 0.1
+    assert ("more than 10% off the simulated one" in printed) == off
+    # A profile without the split: no host table.
+    synthetic_profile("llama-tiny").save(tmp_path / "plain.json")
+    plain = tmp_path / "plain"
+    args = [str(run), str(run), "--out", str(plain), "--profile", str(tmp_path / "plain.json")]
+    assert main(args) == 0
+    assert not (plain / "host_time.csv").exists()
+    assert "host time over the profile's" not in capsys.readouterr().out
