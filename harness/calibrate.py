@@ -50,6 +50,7 @@ from harness.results import RunResult, load
 
 log = logging.getLogger(__name__)
 
+HOST_SPREAD = 1.25  # runs whose host scales differ by more are flagged: one fit blends them
 FEATURE_COLUMNS = {  # StepFeatures field -> iterations.parquet column
     "num_context_seqs": "num_context_requests",
     "num_context_tokens": "num_context_tokens",
@@ -303,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
             "simulates that host; runs far apart blur the fit):"
         )
         print(hosts.to_string(index=False))
+        low, high = hosts.host_time_scale.min(), hosts.host_time_scale.max()
+        if high > HOST_SPREAD * low:
+            print(
+                f"warning: these runs' hosts differ by {high / low:.2f}x ({low:g} to {high:g}): "
+                "the fitted host time is a blend of them. Calibrate with runs of one host speed "
+                "and simulate the others with executor.sim_host_time_scale."
+            )
     num_added = len(calibrated.steps) - len(profile.steps)
     print(f"\nwrote {args.out}: {num_added} serving steps added to {len(profile.steps)}")
     return 0

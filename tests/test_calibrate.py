@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -269,7 +270,14 @@ def test_an_overlap_run_is_calibrated_to_its_steps_host_or_device_time(tmp_path:
     assert calibrated.has_host_device_split
     printed = capsys.readouterr().out
     assert "host time of each run" in printed and "host_time_scale" in printed
-    assert str(run) in printed
+    assert str(run) in printed and "warning" not in printed
+    # The same run again on a host twice as slow: calibrating both together is flagged.
+    slow = tmp_path / "slow"
+    shutil.copytree(run, slow)
+    timed.assign(host_time=2 * timed.host_time).to_parquet(slow / "iterations.parquet")
+    args = [str(run), str(slow), "--profile", str(tmp_path / "split.json"), "--out", str(out)]
+    assert main(args) == 0
+    assert "warning: these runs' hosts differ by 2" in capsys.readouterr().out
 
     iterations.drop(columns=["host_time", "device_time"]).to_parquet(run / "old.parquet")
     (run / "iterations.parquet").unlink()
