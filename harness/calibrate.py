@@ -261,7 +261,7 @@ def host_time_table(profile: Profile, steps: pd.DataFrame) -> pd.DataFrame | Non
             {
                 "run": run,
                 "steps": len(chosen),
-                "host_time_scale": round(float(chosen.ratio.median()), 2),
+                "host_time_scale": float(chosen.ratio.median()),
             }
         )
     return pd.DataFrame(rows)
@@ -303,12 +303,13 @@ def main(argv: list[str] | None = None) -> int:
             "\nhost time of each run over the calibrated profile's (executor.sim_host_time_scale "
             "simulates that host; runs far apart blur the fit):"
         )
-        print(hosts.to_string(index=False))
+        print(hosts.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         low, high = hosts.host_time_scale.min(), hosts.host_time_scale.max()
         if high > HOST_SPREAD * low:
             print(
-                f"warning: these runs' hosts differ by {high / low:.2f}x ({low:g} to {high:g}): "
-                "the fitted host time is a blend of them. Calibrate with runs of one host speed "
+                f"warning: these runs' hosts differ by {high / low:.2f}x ({low:.3g} to "
+                f"{high:.3g}): the fitted host time is a blend of them. Calibrate with runs of "
+                "one host speed "
                 "and simulate the others with executor.sim_host_time_scale."
             )
     num_added = len(calibrated.steps) - len(profile.steps)

@@ -411,14 +411,14 @@ def main(argv: list[str] | None = None) -> int:
             f"\neach real run's host time over the profile's (the simulation used "
             f"executor.sim_host_time_scale={simulated:g}; wrote host_time.csv)"
         )
-        print(hosts.to_string(index=False))
+        print(hosts.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         # A host more than 10% off the simulated one moves the host-bound steps by as much.
         off = hosts[(hosts.host_time_scale / simulated - 1).abs() > 0.1]
         if len(off):
             scale = float(off.host_time_scale.median())
             print(
                 f"{len(off)} of {len(hosts)} real runs ran on a host more than 10% off the "
-                f"simulated one: simulate theirs with executor.sim_host_time_scale={scale:g}"
+                f"simulated one: simulate theirs with executor.sim_host_time_scale={scale:.3g}"
             )
     return 0
 
