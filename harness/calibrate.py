@@ -200,7 +200,6 @@ def calibrate(
         steps = serving_steps(run, profile.model)
         if steps.empty:
             raise ValueError(f"{run.path}: no step ran a batch")
-        tables.append(steps)
         rows = [
             {k: v for k, v in row.items() if v == v}  # NaN (no device_time): not recorded
             for row in sample_steps(steps, max_steps).drop(columns="kind").to_dict("records")
@@ -215,7 +214,7 @@ def calibrate(
             "overlap_scheduler": is_overlap_run(run),
         }
         profile = profile.with_serving_steps(rows, source)
-        steps["run"] = str(run.path)
+        tables.append(steps.assign(run=str(run.path)))  # the run: not a column of its rows
     return profile, pd.concat(tables, ignore_index=True)
 
 

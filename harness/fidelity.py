@@ -38,9 +38,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from harness.results import RunResult
 
 LATENCY_METRICS = tuple(
     f"p{p}_{name}_ms" for name in ("ttft", "tpot", "e2el") for p in (50, 90, 99)
@@ -152,6 +157,16 @@ def with_real_range(
 STEP_KINDS = ("decode", "prefill", "mixed")
 
 
+def ok_runs(reals: list[Path]) -> Iterator[RunResult]:
+    """The successful runs with steps under the run or sweep directories ``reals``."""
+    from harness.calibrate import runs_under
+
+    for path in reals:
+        for run in runs_under(path):
+            if run.status == "ok" and not run.iterations.empty:
+                yield run
+
+
 def step_predictions(reals: list[Path], profile_path: Path) -> pd.DataFrame:
     """Every step of the real runs under the directories ``reals`` that ran a batch: its
     variant, kind
@@ -160,14 +175,12 @@ def step_predictions(reals: list[Path], profile_path: Path) -> pd.DataFrame:
     import numpy as np
 
     from engine.sim.profile import Profile
-    from harness.calibrate import features, runs_under, serving_steps
+    from harness.calibrate import features, serving_steps
 
     profile = Profile.load(profile_path)
     model = profile.cost_model()
     tables = []
-    for run in (run for path in reals for run in runs_under(path)):
-        if run.status != "ok" or run.iterations.empty:
-            continue
+    for run in ok_runs(reals):
         try:
             steps = serving_steps(run, profile.model)
         except ValueError as error:
@@ -196,17 +209,12 @@ def host_time_scales(reals: list[Path], profile_path: Path) -> pd.DataFrame | No
     (``harness.calibrate.host_time_table``: the ``executor.sim_host_time_scale`` that simulates
     its host). None where the profile does not fit the host apart."""
     from engine.sim.profile import Profile
-    from harness.calibrate import host_time_table, runs_under, serving_steps
+    from harness.calibrate import host_time_table, serving_steps
 
     profile = Profile.load(profile_path)
     if not profile.has_host_device_split:
         return None
-    tables = [
-        serving_steps(run, profile.model).assign(run=str(run.path))
-        for path in reals
-        for run in runs_under(path)
-        if run.status == "ok" and not run.iterations.empty
-    ]
+    tables = [serving_steps(run, profile.model).assign(run=str(run.path)) for run in ok_runs(reals)]
     return host_time_table(profile, pd.concat(tables, ignore_index=True)) if tables else None
 
 
