@@ -152,6 +152,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             seed=cfg.seed,
             overlap_scheduler=cfg.executor.overlap_scheduler,
             sim_host_time_scale=cfg.executor.sim_host_time_scale,
+            sim_host_pipeline=cfg.executor.sim_host_pipeline,
             **graph_settings(cfg.executor),  # the buckets its steps are padded to
             **parts,
         )
@@ -165,6 +166,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             **graph_settings(cfg.executor),
             overlap_scheduler=cfg.executor.overlap_scheduler,
             sim_host_time_scale=cfg.executor.sim_host_time_scale,  # an error unless 1
+            sim_host_pipeline=cfg.executor.sim_host_pipeline,  # an error unless false
             **parts,
         )
     if cfg.executor.warmup and not is_sim:

@@ -74,6 +74,9 @@ class ExecutorConfig:
     # twice as slow; python -m harness.calibrate prints a real run's). Needs a profile with host
     # and device times apart (engine.sim.HostDeviceCostModel).
     sim_host_time_scale: float = 1.0
+    # engine=sim with overlap: the host as a second stage beside the device, its time on the
+    # clock (engine.sim.engine), not the longer of the two a step; runs ~3.5x slower.
+    sim_host_pipeline: bool = False
 
 
 @dataclass

@@ -707,9 +707,19 @@ def host_law(features: StepFeatures) -> float:
     return LinearCostModel(HOST_DECODE, HOST_MIXED).predict(features)
 
 
+# Of the host's time, the forward's launches (host_seconds): the part beside the device's work.
+LAUNCH_DECODE = {"intercept": 2e-3, "num_decode_seqs": 1e-5}
+LAUNCH_MIXED = {"intercept": 4e-3, "num_padded_tokens": 5e-7, "num_decode_seqs": 1e-5}
+
+
+def launch_law(features: StepFeatures) -> float:
+    return LinearCostModel(LAUNCH_DECODE, LAUNCH_MIXED).predict(features)
+
+
 def split_profile(model: str = "llama-1b", host_scale: float = 1.0) -> Profile:
     """``synthetic_profile`` plus overlap serving steps whose host time is ``host_scale`` times
-    ``host_law`` and whose device time is ``law``."""
+    ``host_law`` (of which ``launch_law``, scaled alike, is launches) and whose device time is
+    ``law``."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(80):
@@ -724,9 +734,9 @@ def split_profile(model: str = "llama-1b", host_scale: float = 1.0) -> Profile:
                 context_attention=tokens * float(rng.integers(tokens // 2, 4 * tokens)),
                 num_padded_tokens=tokens + seqs,
             )
-        host, device = host_scale * host_law(f), law(f)
+        host, device, launch = host_scale * host_law(f), law(f), host_scale * launch_law(f)
         rows.append({**f.as_dict(), "seconds": max(host, device), "host_time": host,
-                     "device_time": device})  # fmt: skip
+                     "device_time": device, "host_seconds": launch})  # fmt: skip
     source = {"run": f"host x{host_scale}", "overlap_scheduler": True}
     return synthetic_profile(model).with_serving_steps(rows, source)
 
@@ -816,3 +826,116 @@ def test_the_harness_simulates_the_host_its_config_names(tmp_path: Path):
         steps = pd.read_parquet(only_dir(out / "default") / "iterations.parquet")
         durations[scale] = steps.step_latency.median()
     assert durations[3.0] == pytest.approx(3 * durations[1.0], rel=0.2)
+
+
+def test_a_launch_fit_gives_each_steps_host_launch_and_device_times():
+    model = split_profile().cost_model(with_launch=True)
+    f = StepFeatures(
+        num_context_seqs=2, num_context_tokens=1000, context_attention=6e5, num_decode_seqs=30,
+        decode_kv_tokens=30 * 800, num_padded_tokens=1030,
+    )  # fmt: skip
+    phases = model.phases(f)
+    assert phases.host == pytest.approx(host_law(f), rel=1e-6)
+    assert phases.launch == pytest.approx(launch_law(f), rel=1e-6)
+    assert phases.device == pytest.approx(law(f), rel=1e-6)
+    assert phases.before_launch == pytest.approx(host_law(f) - launch_law(f), rel=1e-6)
+    slower = split_profile().cost_model(host_time_scale=2.0, with_launch=True).phases(f)
+    assert (slower.host, slower.launch) == pytest.approx((2 * phases.host, 2 * phases.launch))
+    assert slower.device == pytest.approx(phases.device)
+    # Without it (the default: the fit costs time), phases cannot be told.
+    with pytest.raises(ValueError, match="phases need a launch model"):
+        split_profile().cost_model().phases(f)
+    plain = dataclasses.replace(split_profile(), calibration=[{"overlap_scheduler": False}])
+    with pytest.raises(ValueError, match="a launch fit needs a profile whose serving steps"):
+        plain.cost_model(with_launch=True)
+    steps = [dict(row) for row in split_profile().steps]
+    del steps[-1]["host_seconds"]
+    with pytest.raises(ValueError, match="without host_seconds"):
+        dataclasses.replace(split_profile(), steps=steps).cost_model(with_launch=True)
+
+
+def constant_phases(host_ms: float, launch_ms: float, device_ms: float):
+    """A ``HostDeviceCostModel`` whose every step has the same host, launch and device times."""
+    from engine.sim import HostDeviceCostModel
+
+    def constant(ms: float) -> LinearCostModel:
+        return LinearCostModel({"intercept": ms / 1e3}, {"intercept": ms / 1e3})
+
+    return HostDeviceCostModel(
+        host=constant(host_ms), device=constant(device_ms), launch=constant(launch_ms)
+    )
+
+
+@pytest.mark.parametrize(
+    "host, launch, device, max_ttft, pipeline_ttft, pipeline_e2e",
+    [
+        # Device-bound: the host's work before its launches (1 ms) comes before the device's
+        # 5 ms, in series; then the device runs step after step.
+        (3, 2, 5, 5, 1 + 5, 1 + 10 * 5),
+        # Host-bound: the first token is read once the host has launched the second step (2 x
+        # 5 ms); the last once it has launched the tenth.
+        (5, 4, 3, 5, 2 * 5, 10 * 5),
+    ],
+)
+def test_the_host_pipeline_reads_a_token_after_the_hosts_work_and_the_devices(
+    host, launch, device, max_ttft, pipeline_ttft, pipeline_e2e
+):
+    """One request of 10 tokens on an idle engine, every step costing the same: the pipeline's
+    times follow the two stages (engine.sim.engine), where the default charges each step the
+    longer of the host's and the device's times (TTFT = max(host, device), then one token per
+    max)."""
+    times = {}
+    for pipeline in (False, True):
+        llm = LLM(
+            "llama-1b",
+            engine="sim",
+            cost_model=constant_phases(host, launch, device),
+            overlap_scheduler=True,
+            sim_host_pipeline=pipeline,
+            kv_cache_manager=dict(tokens_per_block=16, num_blocks=64),
+        )
+        (out,) = llm.generate([[1] * 20], SamplingParams(max_new_tokens=10, ignore_eos=True))
+        times[pipeline] = (1e3 * out.metrics.ttft, 1e3 * out.metrics.e2e_latency)
+    step_ms = max(host, device)
+    assert times[False] == pytest.approx((max_ttft, max_ttft + 9 * step_ms))
+    assert times[True] == pytest.approx((pipeline_ttft, pipeline_e2e))
+
+
+def test_the_host_pipeline_is_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="with overlap_scheduler=True"):
+        LLM("llama-1b", engine="sim", cost_model=constant_phases(3, 2, 5),
+            sim_host_pipeline=True)  # fmt: skip
+    with pytest.raises(ValueError, match="with overlap_scheduler=True"):
+        LLM("llama-tiny", device="cpu", overlap_scheduler=True, sim_host_pipeline=True)
+    with pytest.raises(ValueError, match="needs a HostDeviceCostModel with a launch model"):
+        LLM("llama-1b", engine="sim", cost_model=LinearCostModel(DECODE, MIXED),
+            overlap_scheduler=True, sim_host_pipeline=True,
+            kv_cache_manager=dict(num_blocks=64))  # fmt: skip
+    with pytest.raises(ValueError, match="a launch fit needs a profile"):
+        sim_llm(synthetic_profile("llama-1b"), overlap_scheduler=True, sim_host_pipeline=True)
+
+
+def test_the_harness_runs_the_host_pipeline_its_config_names(tmp_path: Path):
+    """``executor.sim_host_pipeline`` reaches the simulated engine: this profile's steps are
+    host-bound, so a first token also waits for the host to launch the next step (a decode:
+    3 ms of host time, HOST_DECODE) before it is read. The load is light: no queue."""
+    from tests.test_harness import harness, only_dir
+
+    split_profile().save(tmp_path / "p.json")
+    ttft = {}
+    for pipeline in ("false", "true"):
+        out = tmp_path / pipeline
+        harness(
+            out,
+            "executor.engine=sim",
+            f"executor.profile={tmp_path / 'p.json'}",
+            f"executor.sim_host_pipeline={pipeline}",
+            "model=llama-1b",
+            "workload.num_requests=10",
+            "workload.rate=1",
+            "progress=false",
+            "plots=false",
+        )
+        requests = pd.read_parquet(only_dir(out / "default") / "requests.parquet")
+        ttft[pipeline] = requests.ttft_ms.median()
+    assert ttft["true"] - ttft["false"] == pytest.approx(3.0, rel=0.05)

@@ -154,15 +154,34 @@ class RooflineCostModel(CostModel):
 
 
 @dataclass(frozen=True)
+class StepPhases:
+    """A step's time as the host pipeline sees it (seconds): ``host``, the launching
+    iteration's host work (the wait for the device left out), of which ``launch`` is the forward's
+    launches, which run beside the device's work; ``device``, the step's device time."""
+
+    host: float
+    launch: float
+    device: float
+
+    @property
+    def before_launch(self) -> float:
+        """Host work before the device can start the step: scheduling, KV, reading the last
+        step back (``host - launch``; the reading comes after, charged before here)."""
+        return self.host - self.launch
+
+
+@dataclass(frozen=True)
 class HostDeviceCostModel(CostModel):
     """An overlap step: ``max(host_time_scale * host.predict, device.predict)``, the host's and
     the device's times fitted apart (``Profile.cost_model``). ``host_time_scale``: the simulated
     host's time over the profiled one's (2.0: a host twice as slow); ``harness.calibrate``
-    prints each real run's."""
+    prints each run's. ``launch`` (optional): the forward's launch time, the part of ``host``
+    that overlaps the device (``phases``; the simulated engine's host pipeline)."""
 
     host: CostModel
     device: CostModel
     host_time_scale: float = 1.0
+    launch: CostModel | None = None
 
     def __post_init__(self) -> None:
         if not self.host_time_scale > 0:
@@ -171,6 +190,15 @@ class HostDeviceCostModel(CostModel):
     def predict(self, features: StepFeatures) -> float:
         host = self.host_time_scale * self.host.predict(features)
         return max(host, self.device.predict(features))
+
+    def phases(self, features: StepFeatures) -> StepPhases:
+        """The step's host, launch and device times, the host's scaled by
+        ``host_time_scale``; the launch is at most the host's time (they are fitted apart)."""
+        if self.launch is None:
+            raise ValueError("phases need a launch model (a profile with host_seconds)")
+        host = self.host_time_scale * self.host.predict(features)
+        launch = min(self.host_time_scale * self.launch.predict(features), host)
+        return StepPhases(host, launch, self.device.predict(features))
 
 
 STEP_KINDS = ("decode", "prefill", "mixed")  # StepFeatures.kind

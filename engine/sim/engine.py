@@ -15,7 +15,19 @@ a GPU: a step queued while another runs starts when that one ends::
 A step's time carries what the host adds: in plain runs, the host's time and then the device's;
 with overlap, the longer of the two (``engine.stats.IterationStats.host_time``), which a profile
 whose serving steps record both predicts apart (``cost_model.HostDeviceCostModel``: a faster or
-slower host is a scale on one of them). ``SimDecoder`` returns the same placeholder token
+slower host is a scale on one of them).
+
+With ``pipeline=True`` (overlap only) the host is a second stage instead of a share of the
+step: the host's time passes on the clock, and the device starts a step once the host has
+done its work before the launches (``StepPhases``: scheduling, KV, reading the last step) and
+the step before it has ended; it cannot end before the host has launched it::
+
+    host     | before n | launch n ......... | wait | before n+1 | launch n+1 | wait (read n) |
+    device   .. step n-1 ..| step n (from before n's end) .............| step n+1 ...
+
+So a token is read once the device has it and the host is done launching the next step, as on
+a GPU: a first token waits for the host's work and then the device's, in series, where the
+max above charges only the longer of the two. ``SimDecoder`` returns the same placeholder token
 for every request: outputs carry no content, and their lengths come from ``max_new_tokens`` (as
 with ``ignore_eos``), which is how workloads give them anyway.
 
@@ -32,7 +44,7 @@ from engine.kv_cache import KVCacheManager
 from engine.model_engine import ModelEngine
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
-from engine.sim.cost_model import CostModel, StepFeatures
+from engine.sim.cost_model import CostModel, HostDeviceCostModel, StepFeatures
 from engine.sim.padding import StepPadding
 from engine.stats import StepWork
 
@@ -51,8 +63,17 @@ class SimModelEngine(ModelEngine):
         vocab_size: int,
         max_seq_len: int,
         padding: StepPadding | None = None,
+        pipeline: bool = False,
     ):
+        if pipeline and not (
+            isinstance(cost_model, HostDeviceCostModel) and cost_model.launch is not None
+        ):
+            raise ValueError(
+                "the host pipeline needs a HostDeviceCostModel with a launch model "
+                f"(Profile.cost_model(with_launch=True)), not {type(cost_model).__name__}"
+            )
         self.cost_model = cost_model
+        self.pipeline = pipeline
         self.padding = padding or StepPadding()  # the simulated engine's graph buckets
         self.clock = clock
         self.vocab_size = vocab_size
@@ -76,6 +97,8 @@ class SimModelEngine(ModelEngine):
         """Queue the step on the virtual device; returns the virtual time its tokens are ready
         (what ``SimDecoder`` reads in place of logits)."""
         self._features = features = StepFeatures.of(batch, self.padding)
+        if self.pipeline:
+            return self._pipelined(features)
         seconds = self.cost_model.predict(features)
         if not seconds > 0:
             raise ValueError(
@@ -85,6 +108,23 @@ class SimModelEngine(ModelEngine):
         self.last_step_seconds = seconds
         self.device_free_at = max(self.clock.now(), self.device_free_at) + seconds
         return self.device_free_at
+
+    def _pipelined(self, features: StepFeatures) -> float:
+        """The host pipeline (module doc): the host's time passes on the clock, the device
+        runs the step once the host's work before the launches is done."""
+        phases = self.cost_model.phases(features)
+        if not (phases.host > 0 and phases.device > 0):
+            raise ValueError(
+                f"{type(self.cost_model).__name__} predicted {phases} for a step ({features}); "
+                "a step must take a positive time"
+            )
+        now = self.clock.now()
+        began = max(now + phases.before_launch, self.device_free_at)
+        ended = max(began + phases.device, now + phases.host)
+        self.last_step_seconds = ended - began
+        self.device_free_at = ended
+        self.clock.advance(phases.host)
+        return ended
 
 
 @dataclass(slots=True)

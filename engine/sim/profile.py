@@ -14,12 +14,14 @@ Written by ``python -m engine.sim.profiler`` and read by the simulated engine, w
 ``host_seconds`` (optional: the profiler writes it since 2026-11-28, after the committed H100
 profiles were made) is the step's host time until its kernels were queued
 (``IterationStats.forward_enqueue_time``): where it is close to ``seconds`` the step was bound by
-the host, not the device. The fit does not use it.
+the host, not the device. Only the host pipeline's fit (below) uses it.
 
 Serving steps of overlap runs also carry ``host_time`` and ``device_time`` (the run's
 ``IterationStats`` columns; calibrated since 2026-11-28): where every step the fit uses has both,
 the cost model fits them apart and predicts their max (``HostDeviceCostModel``), so that a run can
-be simulated on a faster or slower host (``cost_model(host_time_scale=...)``).
+be simulated on a faster or slower host (``cost_model(host_time_scale=...)``). Their
+``host_seconds`` is then fitted too: the launches, the part of the host's time that runs beside
+the device's (the simulated engine's host pipeline, ``LLM(sim_host_pipeline=True)``).
 
 Steps of kind ``serving`` come from real serving runs (``python -m harness.calibrate``), with
 their sources in ``calibration``. Where a profile has at least ``MIN_SERVING_STEPS`` serving steps
@@ -109,10 +111,12 @@ class Profile:
     def _is_split(self, rows: list[dict[str, float]]) -> bool:
         return self.overlap_scheduler is True and all(row.keys() >= HOST_DEVICE for row in rows)
 
-    def cost_model(self, host_time_scale: float = 1.0) -> CostModel:
+    def cost_model(self, host_time_scale: float = 1.0, with_launch: bool = False) -> CostModel:
         """The fitted step-time model: a ``HostDeviceCostModel`` where the profile has the
-        split (``host_time_scale``: the simulated host's time over the profiled one's), else a
-        ``LinearCostModel`` of the steps' times (``host_time_scale`` must then be 1)."""
+        split (``host_time_scale``: the simulated host's time over the profiled one's;
+        ``with_launch``: its ``launch`` fitted too, for the host pipeline), else a
+        ``LinearCostModel`` of the steps' times (``host_time_scale`` must then be 1, and
+        ``with_launch`` False)."""
         # Serving runs have few pure prefill steps, from the run's first seconds: a prefill fit
         # to them, and a mixed model composed from it, would miss the steps that matter (it put
         # llama-8b's attention cost at 6x on the H200). With serving mixed steps the context
@@ -127,14 +131,21 @@ class Profile:
             )
 
         if self._is_split(rows):
+            if with_launch and not all("host_seconds" in row for row in rows):
+                raise ValueError(
+                    f"the {self.model} profile of {self.device} has serving steps without "
+                    "host_seconds (the forward's launch time): no host pipeline from it"
+                )
             return HostDeviceCostModel(
                 host=fit([float(row["host_time"]) for row in rows]),
                 device=fit([float(row["device_time"]) for row in rows]),
                 host_time_scale=host_time_scale,
+                launch=fit([float(row["host_seconds"]) for row in rows]) if with_launch else None,
             )
-        if host_time_scale != 1.0:
+        if host_time_scale != 1.0 or with_launch:
+            ask = "a launch fit" if host_time_scale == 1.0 else f"host_time_scale={host_time_scale}"
             raise ValueError(
-                f"host_time_scale={host_time_scale} needs a profile whose serving steps record "
+                f"{ask} needs a profile whose serving steps record "
                 "host_time and device_time (overlap runs calibrated since 2026-11-28, "
                 f"python -m harness.calibrate); the {self.model} profile of {self.device} "
                 "does not"
