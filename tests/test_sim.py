@@ -505,6 +505,57 @@ def test_a_host_floor_is_fitted_where_short_steps_cost_the_same():
     assert max(abs(design @ line - seconds) / seconds) > 0.15  # vs < 1e-6 above
 
 
+def test_each_decode_graph_bucket_gets_the_offset_its_steps_show():
+    """Decode steps that follow one line but for a step up at the 48-row CUDA graph (as
+    llama-1b's on the H200) and down at 64: the fit gives each bucket its offset, and
+    predicts every step; the line alone misses the 48-row steps by over 10%. A bucket with
+    fewer than ``MIN_BUCKET_STEPS`` steps gets none of its own."""
+    from engine.sim.cost_model import MIN_BUCKET_STEPS
+
+    rng = np.random.default_rng(1)
+    step = {16: 0.0, 32: 0.0, 48: 5e-4, 64: -2e-4}  # seconds beside the line
+    decode = []
+    for _ in range(400):
+        seqs = int(rng.integers(9, 65))
+        padded = next(b for b in step if b >= seqs)
+        kv = int(rng.integers(200, 2000))
+        decode.append(
+            StepFeatures(
+                num_decode_seqs=seqs,
+                decode_kv_tokens=seqs * kv,
+                max_decode_kv=2 * kv,
+                num_padded_tokens=padded,
+            )
+        )
+    rare = [StepFeatures(num_decode_seqs=100, decode_kv_tokens=100 * 500, num_padded_tokens=112)]
+    mixed = one_prompt_mixed_steps((16, 256, 1024, 4096), (16, 64), (1000,))
+
+    def measured(f: StepFeatures) -> float:  # 112 rows: as the 64-row graph
+        return law(f) + step.get(f.num_padded_tokens, step[64])
+
+    model = LinearCostModel.fit([(f, measured(f)) for f in decode + rare * 5 + mixed])
+    offsets = model.decode_offsets
+    assert set(offsets) <= set(step) and MIN_BUCKET_STEPS > 5  # 112: too few steps
+    assert offsets[48] - offsets[32] == pytest.approx(5e-4, rel=0.02)
+    assert offsets[64] - offsets[32] == pytest.approx(-2e-4, rel=0.05)
+    for f in decode:
+        assert model.predict(f) == pytest.approx(measured(f), rel=0.01), f
+    line = dataclasses.replace(model, decode_offsets={})
+    assert max(abs(line.predict(f) / measured(f) - 1) for f in decode) > 0.1
+    assert model.predict(rare[0]) == pytest.approx(measured(rare[0]), rel=0.01)
+
+
+def test_a_decode_bucket_without_an_offset_takes_the_nearest_ones_below():
+    model = LinearCostModel(DECODE, MIXED, decode_offsets={16: 1e-4, 48: 3e-4})
+
+    def added(padded: int) -> float:
+        f = StepFeatures(num_decode_seqs=8, decode_kv_tokens=8000, num_padded_tokens=padded)
+        return model.predict(f) - law(f)
+
+    expected = {8: 1e-4, 16: 1e-4, 32: 1e-4, 48: 3e-4, 256: 3e-4}  # 8: below them all
+    assert {p: added(p) for p in expected} == pytest.approx(expected)
+
+
 def test_real_and_simulated_engines_record_the_same_work_for_the_same_schedule():
     """All requests at t=0 and lengths fixed by ``max_new_tokens``: the real engine (CPU) and the
     simulated one schedule the same steps, and each iteration row carries the same work

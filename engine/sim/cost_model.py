@@ -30,7 +30,10 @@ Two models, one interface (``CostModel.predict``):
   alike) or, for profiles calibrated that way, the absolute one (each step by its time: the
   total a queue integrates). Where a grid gives enough prefill-only points, a mixed step costs
   its padded rows at the prefill's rate plus its decodes' attention at the decode fit's, plus
-  its own intercept. Each kind also gets a floor: ``seconds = max(floor, linear)``. An eager step
+  its own intercept. A decode-only step also gets an offset for its padded batch (its CUDA
+  graph), where the fit has enough steps of it: the graphs' GEMM kernels differ, so the time
+  steps beside the line (on the H200, llama-1b's 48-row graph ran 15% over its 32-row one and
+  over its 64-row one). Each kind also gets a floor: ``seconds = max(floor, linear)``. An eager step
   launches every layer's kernels from Python, so a short one costs the host's launch time (tens
   of ms for a 32-layer model on a slow host) however few tokens it has; the device time (the
   linear part) overtakes it only at a few thousand tokens, and one straight line cannot fit both
@@ -53,6 +56,7 @@ not move (docs/performance.md, "Host speed"); ``host_time_scale`` simulates that
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -231,7 +235,13 @@ class LinearCostModel(CostModel):
     mixed: Mapping[str, float]
     prefill: Mapping[str, float] | None = None
     floors: Mapping[str, float] = field(default_factory=dict)  # kind -> seconds (default 0)
-    # kind -> (floor, intercept, its nonzero (term, weight) pairs): what predict reads
+    # A decode-only step's padded batch (its CUDA graph) -> seconds added, after the floor:
+    # a graph's GEMMs run on its padded rows, with kernels picked for that size, so a bucket's
+    # time steps up or down beside the line (``fit``). A bucket not named takes the offset of
+    # the nearest one named below it (the smallest one's below them all).
+    decode_offsets: Mapping[int, float] = field(default_factory=dict)
+    # kind -> (floor, intercept, its nonzero (term, weight) pairs, padded -> offset or None):
+    # what predict reads. The offsets are decode_offsets, and the buckets resolved since.
     _compiled: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -241,7 +251,10 @@ class LinearCostModel(CostModel):
             if coefficients is None:  # prefill steps fall to mixed
                 continue
             terms = tuple((t, w) for t, w in coefficients.items() if t != "intercept" and w)
-            compiled[kind] = (self.floors.get(kind, 0.0), coefficients.get("intercept", 0.0), terms)
+            has_offsets = kind == "decode" and bool(self.decode_offsets)
+            offsets = dict(self.decode_offsets) if has_offsets else None
+            floor = self.floors.get(kind, 0.0)
+            compiled[kind] = (floor, coefficients.get("intercept", 0.0), terms, offsets)
         object.__setattr__(self, "_compiled", compiled)
 
     def predict(self, features: StepFeatures) -> float:
@@ -253,10 +266,24 @@ class LinearCostModel(CostModel):
             kind = "prefill"
         else:
             kind = "mixed"
-        floor, seconds, terms = self._compiled[kind]
+        floor, seconds, terms, offsets = self._compiled[kind]
         for term, weight in terms:
             seconds += weight * getattr(features, term)
-        return max(seconds, floor)
+        if offsets is None:
+            return max(seconds, floor)
+        # A decode step's bucket offset, fitted beside the floor: added after it.
+        padded = features.num_padded_tokens
+        offset = offsets.get(padded)
+        if offset is None:
+            offset = offsets[padded] = self._nearest_offset(padded)
+        return max(seconds, floor) + offset
+
+    def _nearest_offset(self, padded: int) -> float:
+        """The offset of the nearest bucket in ``decode_offsets`` below ``padded`` (the
+        smallest one's below them all)."""
+        buckets = sorted(self.decode_offsets)
+        below = [b for b in buckets if b <= padded]
+        return self.decode_offsets[below[-1] if below else buckets[0]]
 
     @classmethod
     def fit(
@@ -290,7 +317,7 @@ class LinearCostModel(CostModel):
         floors: dict[str, float] = {}
         if error not in ERRORS:
             raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
-        decode_fit, floors["decode"] = _fit_kind(decode, DECODE_TERMS, "decode-only", error)
+        decode_fit, floors["decode"], offsets = _fit_decode(decode, error)
         separate = (
             compose_mixed
             and len(prefill) >= 2 * len(PREFILL_TERMS)
@@ -302,7 +329,45 @@ class LinearCostModel(CostModel):
             mixed_fit, floors["mixed"] = _compose_mixed(prefill_fit, decode_fit, mixed)
         else:
             mixed_fit, floors["mixed"] = _fit_kind(prefill + mixed, MIXED_TERMS, "context", error)
-        return cls(decode=decode_fit, mixed=mixed_fit, prefill=prefill_fit, floors=floors)
+        return cls(
+            decode=decode_fit,
+            mixed=mixed_fit,
+            prefill=prefill_fit,
+            floors=floors,
+            decode_offsets=offsets,
+        )
+
+
+MIN_BUCKET_STEPS = 30  # decode steps of one padded batch for it to get its own offset
+
+
+def _fit_decode(
+    samples: list[tuple[StepFeatures, float]], error: str
+) -> tuple[dict[str, float], float, dict[int, float]]:
+    """The decode fit: ``_fit_kind`` over ``DECODE_TERMS``, or, where at least two padded
+    batches have ``MIN_BUCKET_STEPS`` steps each, the line and an offset for each of those
+    buckets but the most common one (the intercept's) in one weighted least squares, with no
+    floor (each bucket's own level replaces it). On the H200, llama-1b's decode graph of 48 rows
+    took 0.3 ms (15%) longer than the 32-row one, and the 64-row one less than the 48
+    (docs/performance.md): one line through all of them was 10% short at 33-48 sequences and
+    5% long at 1-8."""
+    buckets = Counter(f.num_padded_tokens for f, _ in samples)
+    chosen = sorted(b for b, n in buckets.items() if n >= MIN_BUCKET_STEPS)
+    if len(chosen) < 2:
+        coefficients, floor = _fit_kind(samples, DECODE_TERMS, "decode-only", error)
+        return coefficients, floor, {}
+    reference = max(chosen, key=lambda b: (buckets[b], -b))
+    others = [b for b in chosen if b != reference]
+    design = np.array(
+        [_design(f, DECODE_TERMS) + [float(f.num_padded_tokens == b) for b in others]
+         for f, _ in samples]
+    )  # fmt: skip
+    seconds = np.array([s for _, s in samples])
+    solution = _least_squares(design, seconds, _weights(seconds, error), free=len(others))
+    coefficients = dict(zip(DECODE_TERMS, map(float, solution), strict=False))
+    offsets = solution[len(DECODE_TERMS) :]
+    fitted = {reference: 0.0} | {b: float(v) for b, v in zip(others, offsets, strict=True)}
+    return coefficients, 0.0, dict(sorted(fitted.items()))
 
 
 def _compose_mixed(
@@ -400,7 +465,7 @@ def _best_constant(seconds: np.ndarray, weights: np.ndarray | None = None) -> fl
 
 
 def _least_squares(
-    design: np.ndarray, seconds: np.ndarray, weights: np.ndarray | None = None
+    design: np.ndarray, seconds: np.ndarray, weights: np.ndarray | None = None, free: int = 0
 ) -> np.ndarray:
     # Weighted least squares: each row scaled by sqrt(its weight) (1 / its time for the
     # relative error, the default). Columns are scaled to unit norm for conditioning, then
@@ -418,15 +483,19 @@ def _least_squares(
     # No term may cost negative time (noise or collinear terms can push a least-squares
     # coefficient below zero, and a large batch would then be predicted to take no time): drop
     # the most negative term and refit until none is left (a simple non-negative least squares).
+    # The last ``free`` columns are offsets, not costs: they may be negative.
+    num_costs = design.shape[1] - free
     while True:
         solution, *_ = np.linalg.lstsq(
             weighted[:, active] / norms[active], seconds * root, rcond=None
         )
         coefficients = solution / norms[active]
-        worst = int(np.argmin(coefficients))
-        if coefficients[worst] >= 0 or len(active) == 1:
+        costs = [i for i, j in enumerate(active) if j < num_costs]
+        worst = min(costs, key=lambda i: coefficients[i])
+        if coefficients[worst] >= 0 or len(costs) == 1:
             break
         del active[worst]
     fitted = np.zeros(design.shape[1])
-    fitted[active] = np.maximum(coefficients, 0.0)
+    fitted[active] = coefficients
+    fitted[:num_costs] = np.maximum(fitted[:num_costs], 0.0)
     return fitted

@@ -899,7 +899,8 @@ def software_versions() -> dict[str, str]:
 
 # ---- report ---------------------------------------------------------------------------------
 def fit_report(profile: Profile) -> str:
-    """The fitted ``LinearCostModel``'s coefficients and floors, its in-sample relative error
+    """The fitted ``LinearCostModel``'s coefficients, floors and decode offsets per padded
+    batch, its in-sample relative error
     (|predicted - measured| / measured) by kind of step, and how well a fit to the grid points
     alone predicts the replay steps (a serving run it has not seen), as a short table."""
     model = profile.cost_model()
@@ -919,6 +920,8 @@ def fit_report(profile: Profile) -> str:
             for term, value in coefficients.items():
                 lines.append(f"  {kind:<7} {term:<19} {value:>11.4e}")
             lines.append(f"  {kind:<7} {'floor':<19} {part.floors.get(kind, 0.0):>11.4e}")
+        for bucket, offset in sorted(part.decode_offsets.items()):
+            lines.append(f"  {'decode':<7} {f'+ at {bucket} rows':<19} {offset:>11.4e}")
     errors: dict[str, list[float]] = {}
     host_shares: dict[str, list[float]] = {}  # host_seconds / seconds, where recorded
     for row, (features, seconds) in zip(profile.steps, profile.samples(), strict=True):
