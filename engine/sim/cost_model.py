@@ -235,10 +235,10 @@ class LinearCostModel(CostModel):
     mixed: Mapping[str, float]
     prefill: Mapping[str, float] | None = None
     floors: Mapping[str, float] = field(default_factory=dict)  # kind -> seconds (default 0)
-    # A decode-only step's padded batch (its CUDA graph) -> seconds added, after the floor:
-    # a graph's GEMMs run on its padded rows, with kernels picked for that size, so a bucket's
-    # time steps up or down beside the line (``fit``). A bucket not named takes the offset of
-    # the nearest one named below it (the smallest one's below them all).
+    # A decode-only step's padded batch (its CUDA graph) -> seconds added to its line, inside
+    # the floor's max: a graph's GEMMs run on its padded rows, with kernels picked for that
+    # size, so a bucket's time steps up or down beside the line (``fit``). A bucket not named
+    # takes the offset of the nearest one named below it (the smallest one's below them all).
     decode_offsets: Mapping[int, float] = field(default_factory=dict)
     # kind -> (floor, intercept, its nonzero (term, weight) pairs, padded -> offset or None):
     # what predict reads. The offsets are decode_offsets, and the buckets resolved since.
@@ -269,14 +269,13 @@ class LinearCostModel(CostModel):
         floor, seconds, terms, offsets = self._compiled[kind]
         for term, weight in terms:
             seconds += weight * getattr(features, term)
-        if offsets is None:
-            return max(seconds, floor)
-        # A decode step's bucket offset, fitted beside the floor: added after it.
-        padded = features.num_padded_tokens
-        offset = offsets.get(padded)
-        if offset is None:
-            offset = offsets[padded] = self._nearest_offset(padded)
-        return max(seconds, floor) + offset
+        if offsets is not None:  # a decode step: its bucket's offset
+            padded = features.num_padded_tokens
+            offset = offsets.get(padded)
+            if offset is None:
+                offset = offsets[padded] = self._nearest_offset(padded)
+            seconds += offset
+        return max(seconds, floor)
 
     def _nearest_offset(self, padded: int) -> float:
         """The offset of the nearest bucket in ``decode_offsets`` below ``padded`` (the
@@ -325,10 +324,11 @@ class LinearCostModel(CostModel):
         )
         prefill_fit = None
         if separate:
-            prefill_fit, floors["prefill"] = _fit_kind(prefill, PREFILL_TERMS, "prefill", error)
+            prefill_fit, floors["prefill"], _ = _fit_kind(prefill, PREFILL_TERMS, "prefill", error)
             mixed_fit, floors["mixed"] = _compose_mixed(prefill_fit, decode_fit, mixed)
         else:
-            mixed_fit, floors["mixed"] = _fit_kind(prefill + mixed, MIXED_TERMS, "context", error)
+            context = prefill + mixed
+            mixed_fit, floors["mixed"], _ = _fit_kind(context, MIXED_TERMS, "context", error)
         return cls(
             decode=decode_fit,
             mixed=mixed_fit,
@@ -344,30 +344,20 @@ MIN_BUCKET_STEPS = 30  # decode steps of one padded batch for it to get its own 
 def _fit_decode(
     samples: list[tuple[StepFeatures, float]], error: str
 ) -> tuple[dict[str, float], float, dict[int, float]]:
-    """The decode fit: ``_fit_kind`` over ``DECODE_TERMS``, or, where at least two padded
-    batches have ``MIN_BUCKET_STEPS`` steps each, the line and an offset for each of those
-    buckets but the most common one (the intercept's) in one weighted least squares, with no
-    floor (each bucket's own level replaces it). On the H200, llama-1b's decode graph of 48 rows
-    took 0.3 ms (15%) longer than the 32-row one, and the 64-row one less than the 48
-    (docs/performance.md): one line through all of them was 10% short at 33-48 sequences and
-    5% long at 1-8."""
-    buckets = Counter(f.num_padded_tokens for f, _ in samples)
-    chosen = sorted(b for b, n in buckets.items() if n >= MIN_BUCKET_STEPS)
+    """The decode fit (``_fit_kind`` over ``DECODE_TERMS``), with an offset for each padded
+    batch that has ``MIN_BUCKET_STEPS`` steps but the most common one (the intercept's, offset
+    0), where there are at least two such: ``max(floor, line + offset)``. On the H200,
+    llama-1b's decode graph of 48 rows took 0.3 ms (15%) longer than the 32-row one, and the
+    64-row one less than the 48 (docs/performance.md): one line through all of them was 10%
+    short at 33-48 sequences."""
+    counts = Counter(f.num_padded_tokens for f, _ in samples)
+    chosen = sorted(b for b, n in counts.items() if n >= MIN_BUCKET_STEPS)
     if len(chosen) < 2:
-        coefficients, floor = _fit_kind(samples, DECODE_TERMS, "decode-only", error)
-        return coefficients, floor, {}
-    reference = max(chosen, key=lambda b: (buckets[b], -b))
+        return _fit_kind(samples, DECODE_TERMS, "decode-only", error)
+    reference = max(chosen, key=lambda b: (counts[b], -b))
     others = [b for b in chosen if b != reference]
-    design = np.array(
-        [_design(f, DECODE_TERMS) + [float(f.num_padded_tokens == b) for b in others]
-         for f, _ in samples]
-    )  # fmt: skip
-    seconds = np.array([s for _, s in samples])
-    solution = _least_squares(design, seconds, _weights(seconds, error), free=len(others))
-    coefficients = dict(zip(DECODE_TERMS, map(float, solution), strict=False))
-    offsets = solution[len(DECODE_TERMS) :]
-    fitted = {reference: 0.0} | {b: float(v) for b, v in zip(others, offsets, strict=True)}
-    return coefficients, 0.0, dict(sorted(fitted.items()))
+    coefficients, floor, offsets = _fit_kind(samples, DECODE_TERMS, "decode-only", error, others)
+    return coefficients, floor, dict(sorted({reference: 0.0, **offsets}.items()))
 
 
 def _compose_mixed(
@@ -417,38 +407,46 @@ def _fit_kind(
     terms: Sequence[str],
     kind: str,
     error_kind: str = "relative",
-) -> tuple[dict[str, float], float]:
-    """(coefficients, floor) of ``max(floor, linear)`` with the least mean squared relative
-    error: no floor and a line through every sample, or a floor at one of the measured times'
-    quantiles with the line fitted to the samples above it (then the floor moved to the value
-    that fits the samples it covers best)."""
+    buckets: Sequence[int] = (),
+) -> tuple[dict[str, float], float, dict[int, float]]:
+    """(coefficients, floor, offsets) of ``max(floor, linear + offset)`` with the least mean
+    squared relative error: no floor and a line through every sample, or a floor at one of
+    the measured times' quantiles with the line fitted to the samples above it (then the floor
+    moved to the value that fits the samples it covers best). ``buckets``: padded batches
+    (``num_padded_tokens``) whose steps get an offset each, of either sign (others: none)."""
     if len(samples) < len(terms):
         raise ValueError(
             f"a profile needs at least {len(terms)} {kind} steps to fit {list(terms)}; "
             f"it has {len(samples)}"
         )
-    design = np.array([_design(f, terms) for f, _ in samples])
+    design = np.array(
+        [_design(f, terms) + [float(f.num_padded_tokens == b) for b in buckets]
+         for f, _ in samples]
+    )  # fmt: skip
     seconds = np.array([s for _, s in samples])
     weights = _weights(seconds, error_kind)
+    free = len(buckets)
 
     def error(coefficients: np.ndarray, floor: float) -> float:
         predicted = np.maximum(design @ coefficients, floor)
         return float(np.mean(weights * (predicted - seconds) ** 2))
 
-    best = _least_squares(design, seconds, weights)
+    best = _least_squares(design, seconds, weights, free)
     best_floor, best_error = 0.0, error(best, 0.0)
     for floor in np.unique(np.quantile(seconds, np.linspace(0.05, 0.9, 18))):
         above = seconds > floor
-        if above.sum() < len(terms):
+        if above.sum() < len(terms) + free:
             continue
-        coefficients = _least_squares(design[above], seconds[above], weights[above])
+        coefficients = _least_squares(design[above], seconds[above], weights[above], free)
         covered = design @ coefficients <= floor
         if covered.any():  # the floor that minimises the error of those it covers
             floor = _best_constant(seconds[covered], weights[covered])
         candidate = error(coefficients, floor)
         if candidate < best_error:
             best, best_floor, best_error = coefficients, float(floor), candidate
-    return {term: float(value) for term, value in zip(terms, best, strict=True)}, best_floor
+    fitted = {term: float(value) for term, value in zip(terms, best, strict=False)}
+    offsets = {b: float(v) for b, v in zip(buckets, best[len(terms) :], strict=True)}
+    return fitted, best_floor, offsets
 
 
 def _weights(seconds: np.ndarray, error: str) -> np.ndarray:
