@@ -33,11 +33,11 @@ Two models, one interface (``CostModel.predict``):
   its own intercept. A decode-only step also gets an offset for its padded batch (its CUDA
   graph), where the fit has enough steps of it: the graphs' GEMM kernels differ, so the time
   steps beside the line (on the H200, llama-1b's 48-row graph ran 15% over its 32-row one and
-  over its 64-row one). Each kind also gets a floor: ``seconds = max(floor, linear)``. An eager step
-  launches every layer's kernels from Python, so a short one costs the host's launch time (tens
-  of ms for a 32-layer model on a slow host) however few tokens it has; the device time (the
-  linear part) overtakes it only at a few thousand tokens, and one straight line cannot fit both
-  sides of that knee::
+  over its 64-row one). Each kind also gets a floor: ``seconds = max(floor, linear)`` (the
+  decode offset inside the max). An eager step launches every layer's kernels from Python, so
+  a short one costs the host's launch time (tens of ms for a 32-layer model on a slow host)
+  however few tokens it has; the device time (the linear part) overtakes it only at a few
+  thousand tokens, and one straight line cannot fit both sides of that knee::
 
       seconds |            /  linear (device)
               |           /
@@ -179,7 +179,7 @@ class HostDeviceCostModel(CostModel):
     """An overlap step: ``max(host_time_scale * host.predict, device.predict)``, the host's and
     the device's times fitted apart (``Profile.cost_model``). ``host_time_scale``: the simulated
     host's time over the profiled one's (2.0: a host twice as slow); ``harness.calibrate``
-    prints each run's. ``launch`` (optional): the forward's launch time, the part of ``host``
+    prints each real run's. ``launch`` (optional): the forward's launch time, the part of ``host``
     that overlaps the device (``phases``; the simulated engine's host pipeline)."""
 
     host: CostModel
