@@ -857,26 +857,34 @@ def test_the_sim_llm_runs_a_slower_host_and_refuses_it_where_the_model_cannot(tm
 def test_the_harness_simulates_the_host_its_config_names(tmp_path: Path):
     """``executor.sim_host_time_scale`` reaches the simulated engine: a host three times as
     slow stretches the run's host-bound steps (every step of this light load)."""
-    from tests.test_harness import harness, only_dir
-
-    split_profile().save(tmp_path / "p.json")
     durations = {}
     for scale in (1.0, 3.0):
-        out = tmp_path / f"x{scale}"
-        harness(
-            out,
-            "executor.engine=sim",
-            f"executor.profile={tmp_path / 'p.json'}",
-            f"executor.sim_host_time_scale={scale}",
-            "model=llama-1b",
-            "workload.num_requests=10",
-            "workload.rate=1",
-            "progress=false",
-            "plots=false",
-        )
-        steps = pd.read_parquet(only_dir(out / "default") / "iterations.parquet")
-        durations[scale] = steps.step_latency.median()
+        run = simulate_split_profile(tmp_path, f"executor.sim_host_time_scale={scale}")
+        durations[scale] = pd.read_parquet(run / "iterations.parquet").step_latency.median()
     assert durations[3.0] == pytest.approx(3 * durations[1.0], rel=0.2)
+
+
+def simulate_split_profile(tmp_path: Path, override: str) -> Path:
+    """The harness's run directory for 10 requests at 1/s, simulated with ``split_profile``
+    and ``override``."""
+    from tests.test_harness import harness, only_dir
+
+    profile = tmp_path / "p.json"
+    if not profile.exists():
+        split_profile().save(profile)
+    out = tmp_path / override.replace("=", "-")
+    harness(
+        out,
+        "executor.engine=sim",
+        f"executor.profile={profile}",
+        override,
+        "model=llama-1b",
+        "workload.num_requests=10",
+        "workload.rate=1",
+        "progress=false",
+        "plots=false",
+    )
+    return only_dir(out / "default")
 
 
 def test_a_launch_fit_gives_each_steps_host_launch_and_device_times():
@@ -970,23 +978,8 @@ def test_the_harness_runs_the_host_pipeline_its_config_names(tmp_path: Path):
     """``executor.sim_host_pipeline`` reaches the simulated engine: this profile's steps are
     host-bound, so a first token also waits for the host to launch the next step (a decode:
     3 ms of host time, HOST_DECODE) before it is read. The load is light: no queue."""
-    from tests.test_harness import harness, only_dir
-
-    split_profile().save(tmp_path / "p.json")
     ttft = {}
     for pipeline in ("false", "true"):
-        out = tmp_path / pipeline
-        harness(
-            out,
-            "executor.engine=sim",
-            f"executor.profile={tmp_path / 'p.json'}",
-            f"executor.sim_host_pipeline={pipeline}",
-            "model=llama-1b",
-            "workload.num_requests=10",
-            "workload.rate=1",
-            "progress=false",
-            "plots=false",
-        )
-        requests = pd.read_parquet(only_dir(out / "default") / "requests.parquet")
-        ttft[pipeline] = requests.ttft_ms.median()
+        run = simulate_split_profile(tmp_path, f"executor.sim_host_pipeline={pipeline}")
+        ttft[pipeline] = pd.read_parquet(run / "requests.parquet").ttft_ms.median()
     assert ttft["true"] - ttft["false"] == pytest.approx(3.0, rel=0.05)
