@@ -32,12 +32,13 @@ Two models, one interface (``CostModel.predict``):
   its padded rows at the prefill's rate plus its decodes' attention at the decode fit's, plus
   its own intercept. A decode-only step also gets an offset for its padded batch (its CUDA
   graph), where the fit has enough steps of it: the graphs' GEMM kernels differ, so the time
-  steps beside the line (on the H200, llama-1b's 48-row graph ran 15% over its 32-row one and
-  over its 64-row one). Each kind also gets a floor: ``seconds = max(floor, linear)`` (the
-  decode offset inside the max). An eager step launches every layer's kernels from Python, so
-  a short one costs the host's launch time (tens of ms for a 32-layer model on a slow host)
-  however few tokens it has; the device time (the linear part) overtakes it only at a few
-  thousand tokens, and one straight line cannot fit both sides of that knee::
+  steps beside the line (on the H200, llama-1b's decode of 33 sequences, the 48-row graph, took
+  19% longer than one of 32, and batches of 49-64 less than batches of 37-44). Each kind also
+  gets a floor: ``seconds = max(floor, linear)`` (the decode offset inside the max). An eager
+  step launches every layer's kernels from Python, so a short one costs the host's launch time
+  (tens of ms for a 32-layer model on a slow host) however few tokens it has; the device time
+  (the linear part) overtakes it only at a few thousand tokens, and one straight line cannot fit
+  both sides of that knee::
 
       seconds |            /  linear (device)
               |           /
@@ -347,9 +348,9 @@ def _fit_decode(
     """The decode fit (``_fit_kind`` over ``DECODE_TERMS``), with an offset for each padded
     batch that has ``MIN_BUCKET_STEPS`` steps but the most common one (the intercept's, offset
     0), where there are at least two such: ``max(floor, line + offset)``. On the H200,
-    llama-1b's decode graph of 48 rows took 0.3 ms (15%) longer than the 32-row one, and the
-    64-row one less than the 48 (docs/performance.md): one line through all of them was 10%
-    short at 33-48 sequences."""
+    llama-1b's decode of 33 sequences (the 48-row graph) took 19% longer than one of 32, and
+    the 64-row graph less than the 48 (docs/performance.md): one line through all of them was
+    10% short at 33-48 sequences."""
     counts = Counter(f.num_padded_tokens for f, _ in samples)
     chosen = sorted(b for b, n in counts.items() if n >= MIN_BUCKET_STEPS)
     if len(chosen) < 2:
