@@ -149,7 +149,7 @@ class LLM:
     times are the device's, where plain runs' include the host's. ``sim_host_pipeline``
     (overlap only, a profile with host and device times apart): the host as a second stage
     beside the device, its time on the clock (``engine.sim.engine``), where a step otherwise
-    costs the longer of the two; it runs the overlap loop without fast-forwarding (about 3.5x
+    costs the longer of the two; it runs the overlap loop without fast-forwarding (about 3.3x
     slower).
     """
 

@@ -308,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"warning: these runs' hosts differ by {high / low:.2f}x ({low:.3g} to "
                 f"{high:.3g}): the fitted host time is a blend of them. Calibrate with runs of "
-                "one host speed "
-                "and simulate the others with executor.sim_host_time_scale."
+                "one host speed and simulate the others with executor.sim_host_time_scale."
             )
     num_added = len(calibrated.steps) - len(profile.steps)
     print(f"\nwrote {args.out}: {num_added} serving steps added to {len(profile.steps)}")

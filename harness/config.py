@@ -75,7 +75,7 @@ class ExecutorConfig:
     # and device times apart (engine.sim.HostDeviceCostModel).
     sim_host_time_scale: float = 1.0
     # engine=sim with overlap: the host as a second stage beside the device, its time on the
-    # clock (engine.sim.engine), not the longer of the two a step; runs ~3.5x slower.
+    # clock (engine.sim.engine), not the longer of the two a step; runs ~3.3x slower.
     sim_host_pipeline: bool = False
 
 

@@ -78,7 +78,6 @@ class SimModelEngine(ModelEngine):
         self.clock = clock
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
-        self.last_step_seconds = 0.0
         self.device_free_at = 0.0  # virtual time the device ends the last step queued on it
         self._features = StepFeatures()
 
@@ -105,7 +104,6 @@ class SimModelEngine(ModelEngine):
                 f"{type(self.cost_model).__name__} predicted {seconds} s for a step "
                 f"({features}); a step must take a positive time"
             )
-        self.last_step_seconds = seconds
         self.device_free_at = max(self.clock.now(), self.device_free_at) + seconds
         return self.device_free_at
 
@@ -121,7 +119,6 @@ class SimModelEngine(ModelEngine):
         now = self.clock.now()
         began = max(now + phases.before_launch, self.device_free_at)
         ended = max(began + phases.device, now + phases.host)
-        self.last_step_seconds = ended - began
         self.device_free_at = ended
         self.clock.advance(phases.host)
         return ended

@@ -900,9 +900,9 @@ def software_versions() -> dict[str, str]:
 # ---- report ---------------------------------------------------------------------------------
 def fit_report(profile: Profile) -> str:
     """The fitted ``LinearCostModel``'s coefficients, floors and decode offsets per padded
-    batch, its in-sample relative error
-    (|predicted - measured| / measured) by kind of step, and how well a fit to the grid points
-    alone predicts the replay steps (a serving run it has not seen), as a short table."""
+    batch, its in-sample relative error (|predicted - measured| / measured) by kind of step,
+    and how well a fit to the grid points alone predicts the replay steps (a serving run it
+    has not seen), as a short table."""
     model = profile.cost_model()
     # A calibrated overlap profile fits the host's and the device's times apart.
     parts = (
