@@ -155,6 +155,48 @@ def test_linear_fit_needs_enough_steps_of_each_kind():
         LinearCostModel.fit([(decode_only[0][0], 0.0), *samples])
 
 
+def noisy_samples(noise: float, seed: int = 0) -> list[tuple[StepFeatures, float]]:
+    """Decode-only and mixed steps of ``law`` times a lognormal noise of ``noise`` (its
+    sigma): measured steps scatter so around what their work costs."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(400):
+        seqs, kv = int(rng.integers(1, 200)), int(rng.integers(100, 3000))
+        f = StepFeatures(num_decode_seqs=seqs, decode_kv_tokens=seqs * kv)
+        if i % 2:
+            tokens = int(rng.integers(32, 4096))
+            f = dataclasses.replace(
+                f,
+                num_context_seqs=int(rng.integers(1, 4)),
+                num_context_tokens=tokens,
+                context_attention=tokens * float(rng.integers(tokens // 2, 4 * tokens)),
+                num_padded_tokens=tokens + seqs,
+            )
+        samples.append((f, law(f) * float(rng.lognormal(0.0, noise))))
+    return samples
+
+
+def test_a_matched_fit_predicts_its_samples_total_with_the_same_shape():
+    """The relative error's least squares predicts the typical step, under the mean by about
+    twice the squared noise: ``match_totals`` scales each kind's fit to its samples' total
+    and leaves every step's share of it as fitted."""
+    samples = noisy_samples(noise=0.25)
+    fitted = LinearCostModel.fit(samples)
+    matched = LinearCostModel.fit(samples, match_totals=True)
+    for kind in ("decode", "mixed"):
+        steps = [(f, s) for f, s in samples if f.kind == kind]
+        measured = sum(s for _, s in steps)
+        assert sum(fitted.predict(f) for f, _ in steps) < 0.95 * measured  # ~2 * 0.25^2 short
+        assert sum(matched.predict(f) for f, _ in steps) == pytest.approx(measured, rel=1e-9)
+        ratios = [matched.predict(f) / fitted.predict(f) for f, _ in steps]
+        assert ratios == pytest.approx([ratios[0]] * len(ratios), rel=1e-9)  # one scale a kind
+        assert 1.03 < ratios[0] < 1.2
+    # Exact samples: their totals are met already, nothing moves.
+    exact = [(f, law(f)) for f, _ in samples]
+    unmoved = LinearCostModel.fit(exact, match_totals=True)
+    assert all(unmoved.predict(f) == pytest.approx(law(f), rel=1e-6) for f, _ in exact)
+
+
 def test_roofline_by_hand():
     model = RooflineCostModel(
         num_params=1e9,
@@ -830,6 +872,31 @@ def test_only_overlap_steps_that_all_record_both_times_split_the_model():
     steps = [dict(row) for row in split.steps]
     del steps[-1]["device_time"]
     assert not dataclasses.replace(split, steps=steps).has_host_device_split
+
+
+def test_an_overlap_profile_predicts_its_serving_steps_totals_and_a_plain_one_as_fitted():
+    """The split's host and device fits (overlap serving steps) are matched to their steps'
+    totals, kind by kind; a plain loop's profile keeps its relative fit as it was."""
+    rng = np.random.default_rng(1)
+    profile = split_profile()
+    steps = [
+        {**row, "host_time": row["host_time"] * float(rng.lognormal(0.0, 0.3)),
+         "device_time": row["device_time"] * float(rng.lognormal(0.0, 0.3))}
+        if row.get("kind") == "serving" else row
+        for row in profile.steps
+    ]  # fmt: skip
+    noisy = dataclasses.replace(profile, steps=steps)
+    model = noisy.cost_model()
+    serving = [row for row in steps if row.get("kind") == "serving"]
+    for kind in ("decode", "mixed"):
+        rows = [row for row in serving if (row["num_context_tokens"] == 0) == (kind == "decode")]
+        features = [StepFeatures(**{k: row[k] for k in StepFeatures.__dataclass_fields__})
+                    for row in rows]  # fmt: skip
+        for part in ("host", "device"):
+            predicted = sum(getattr(model, part).predict(f) for f in features)
+            assert predicted == pytest.approx(sum(row[f"{part}_time"] for row in rows), rel=1e-9)
+    plain = dataclasses.replace(noisy, calibration=[{"run": "a", "overlap_scheduler": False}])
+    assert plain.cost_model() == LinearCostModel.fit(plain.fit_samples(), compose_mixed=False)
 
 
 def test_the_sim_llm_runs_a_slower_host_and_refuses_it_where_the_model_cannot(tmp_path: Path):

@@ -291,6 +291,7 @@ class LinearCostModel(CostModel):
         samples: Iterable[tuple[StepFeatures, float]],
         compose_mixed: bool = True,
         error: str = "relative",
+        match_totals: bool = False,
     ) -> LinearCostModel:
         """Fit each kind of step to ``(features, measured seconds)`` samples, minimising the
         squared ``error`` (``ERRORS``: relative or absolute; ``_fit_kind``). Needs at least as
@@ -307,7 +308,14 @@ class LinearCostModel(CostModel):
         on the H100 llama-8b profile it put the per-token cost at a tenth of the prefill's and
         under-predicted a real Azure run's mixed steps by 31% in total, against 8% composed
         (docs/performance.md). Serving steps are many and varied: ``Profile.cost_model`` fits
-        them freely."""
+        them freely.
+
+        ``match_totals``: then scale each kind's fit so that it predicts its samples' total
+        time (``_match_totals``). The relative error's least squares predicts the typical step
+        but under-predicts the mean by about twice the squared relative noise (its constant
+        is sum(1/s) / sum(1/s^2)); a queue integrates the mean. On the H200 llama-1b overlap
+        profile the device fit of mixed steps (14% noise a step) came out 2.5% short in total,
+        and the host fit of decode steps 21% short (docs/performance.md, "Totals")."""
         by_kind: dict[str, list[tuple[StepFeatures, float]]] = {k: [] for k in STEP_KINDS}
         for features, seconds in samples:
             if seconds <= 0:
@@ -330,12 +338,42 @@ class LinearCostModel(CostModel):
         else:
             context = prefill + mixed
             mixed_fit, floors["mixed"], _ = _fit_kind(context, MIXED_TERMS, "context", error)
-        return cls(
+        model = cls(
             decode=decode_fit,
             mixed=mixed_fit,
             prefill=prefill_fit,
             floors=floors,
             decode_offsets=offsets,
+        )
+        return model._match_totals(by_kind) if match_totals else model
+
+    def _match_totals(
+        self, by_kind: Mapping[str, list[tuple[StepFeatures, float]]]
+    ) -> LinearCostModel:
+        """A copy whose every coefficient set (its floor and offsets with it) is scaled by its
+        samples' measured total over their predicted one: the same shape, each kind's total
+        matched (prefill steps count with the mixed ones where they share its fit)."""
+        shared = {"prefill": "prefill" if self.prefill is not None else "mixed"}
+        measured: Counter[str] = Counter()
+        predicted: Counter[str] = Counter()
+        for kind, samples in by_kind.items():
+            fit = shared.get(kind, kind)
+            for features, seconds in samples:
+                measured[fit] += seconds
+                predicted[fit] += self.predict(features)
+        scale = {kind: measured[kind] / predicted[kind] for kind in measured if predicted[kind]}
+
+        def scaled(kind: str, coefficients: Mapping[str, float] | None):
+            if coefficients is None:
+                return None
+            return {term: weight * scale.get(kind, 1.0) for term, weight in coefficients.items()}
+
+        return LinearCostModel(
+            decode=scaled("decode", self.decode),
+            mixed=scaled("mixed", self.mixed),
+            prefill=scaled("prefill", self.prefill),
+            floors={kind: floor * scale.get(kind, 1.0) for kind, floor in self.floors.items()},
+            decode_offsets=scaled("decode", self.decode_offsets),
         )
 
 
