@@ -155,16 +155,17 @@ def test_linear_fit_needs_enough_steps_of_each_kind():
         LinearCostModel.fit([(decode_only[0][0], 0.0), *samples])
 
 
-def noisy_samples(noise: float, seed: int = 0) -> list[tuple[StepFeatures, float]]:
-    """Decode-only and mixed steps of ``law`` times a lognormal noise of ``noise`` (its
-    sigma): measured steps scatter so around what their work costs."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for i in range(400):
-        seqs, kv = int(rng.integers(1, 200)), int(rng.integers(100, 3000))
+def random_steps(
+    rng: np.random.Generator, count: int, max_seqs: int, max_kv: int, min_tokens: int
+) -> list[StepFeatures]:
+    """``count`` steps of random sizes, every other one decode-only, the others with 1-3
+    prompts of ``min_tokens``-4095 tokens beside their decodes."""
+    steps = []
+    for i in range(count):
+        seqs, kv = int(rng.integers(1, max_seqs)), int(rng.integers(100, max_kv))
         f = StepFeatures(num_decode_seqs=seqs, decode_kv_tokens=seqs * kv)
         if i % 2:
-            tokens = int(rng.integers(32, 4096))
+            tokens = int(rng.integers(min_tokens, 4096))
             f = dataclasses.replace(
                 f,
                 num_context_seqs=int(rng.integers(1, 4)),
@@ -172,8 +173,16 @@ def noisy_samples(noise: float, seed: int = 0) -> list[tuple[StepFeatures, float
                 context_attention=tokens * float(rng.integers(tokens // 2, 4 * tokens)),
                 num_padded_tokens=tokens + seqs,
             )
-        samples.append((f, law(f) * float(rng.lognormal(0.0, noise))))
-    return samples
+        steps.append(f)
+    return steps
+
+
+def noisy_samples(noise: float, seed: int = 0) -> list[tuple[StepFeatures, float]]:
+    """Decode-only and mixed steps of ``law`` times a lognormal noise of ``noise`` (its
+    sigma): measured steps scatter so around what their work costs."""
+    rng = np.random.default_rng(seed)
+    steps = random_steps(rng, 400, max_seqs=200, max_kv=3000, min_tokens=32)
+    return [(f, law(f) * float(rng.lognormal(0.0, noise))) for f in steps]
 
 
 def test_a_matched_fit_predicts_its_samples_total_with_the_same_shape():
@@ -813,20 +822,9 @@ def split_profile(model: str = "llama-1b", host_scale: float = 1.0) -> Profile:
     """``synthetic_profile`` plus overlap serving steps whose host time is ``host_scale`` times
     ``host_law`` (of which ``launch_law``, scaled alike, is launches) and whose device time is
     ``law``."""
-    rng = np.random.default_rng(0)
     rows = []
-    for i in range(80):
-        seqs, kv = int(rng.integers(1, 128)), int(rng.integers(100, 2000))
-        f = StepFeatures(num_decode_seqs=seqs, decode_kv_tokens=seqs * kv)
-        if i % 2:
-            tokens = int(rng.integers(64, 4096))
-            f = dataclasses.replace(
-                f,
-                num_context_seqs=int(rng.integers(1, 4)),
-                num_context_tokens=tokens,
-                context_attention=tokens * float(rng.integers(tokens // 2, 4 * tokens)),
-                num_padded_tokens=tokens + seqs,
-            )
+    steps = random_steps(np.random.default_rng(0), 80, max_seqs=128, max_kv=2000, min_tokens=64)
+    for f in steps:
         host, device, launch = host_scale * host_law(f), law(f), host_scale * launch_law(f)
         rows.append({**f.as_dict(), "seconds": max(host, device), "host_time": host,
                      "device_time": device, "host_seconds": launch})  # fmt: skip
