@@ -28,7 +28,8 @@ Two models, one interface (``CostModel.predict``):
   prompt tokens (FLOP-bound, on the padded rows), each as a weighted sum of the features above
   plus an intercept, with no coefficient below zero, minimising the relative error (every step
   alike) or, for profiles calibrated that way, the absolute one (each step by its time: the
-  total a queue integrates). Where a grid gives enough prefill-only points, a mixed step costs
+  total a queue integrates); an overlap profile's fits are then scaled to their steps' totals
+  (``match_totals``). Where a grid gives enough prefill-only points, a mixed step costs
   its padded rows at the prefill's rate plus its decodes' attention at the decode fit's, plus
   its own intercept. A decode-only step also gets an offset for its padded batch (its CUDA
   graph), where the fit has enough steps of it: the graphs' GEMM kernels differ, so the time
@@ -363,7 +364,7 @@ class LinearCostModel(CostModel):
                 predicted[fit] += self.predict(features)
         scale = {kind: measured[kind] / predicted[kind] for kind in measured if predicted[kind]}
 
-        def scaled(kind: str, coefficients: Mapping[str, float] | None):
+        def scaled(kind: str, coefficients: Mapping | None) -> dict | None:
             if coefficients is None:
                 return None
             return {term: weight * scale.get(kind, 1.0) for term, weight in coefficients.items()}
