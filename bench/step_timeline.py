@@ -1,6 +1,7 @@
 """One real overlap run's steps on one timeline: host timestamps and device events.
 
     python bench/step_timeline.py TIMELINE.csv <harness overrides...>
+    python bench/step_timeline.py --summary TIMELINE.csv     # medians per kind of step
 
 Runs ``python -m harness <overrides>`` (one run of the real engine with overlap scheduling)
 with the executor's and the model engine's methods wrapped (``recording``), and writes a row
@@ -172,9 +173,47 @@ def recording(timeline: Timeline) -> Iterator[Timeline]:
         harness.replay.reset = reset
 
 
+LAUNCH_BOUND_S = 3e-4  # the device done within this of the host's last launch: launch-bound
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per kind of step (decode: no prompt tokens; mixed), its count and medians in ms: the
+    host's time before the first kernel (``before_kernels``: scheduling and inputs) and its
+    launches; with device events, the device's work from the first kernel, its wait for the
+    host before it, and the share of steps bound by their launches."""
+    ms = 1e3
+    parts = {
+        "before_kernels": (frame.first - frame.admitted) * ms,
+        "launch": (frame.launched - frame.first) * ms,
+    }
+    if "device_copied" in frame:
+        parts["device_work"] = (frame.device_copied - frame.device_first) * ms
+        parts["device_wait"] = (frame.device_first - frame.device_began) * ms
+    kind = frame.num_context_tokens.gt(0).map({False: "decode", True: "mixed"}).rename("kind")
+    table = pd.DataFrame(parts).groupby(kind)
+    out = table.median().round(3)
+    out.insert(0, "steps", table.size())
+    if "device_copied" in frame:
+        bound = (frame.device_copied - frame.launched) < LAUNCH_BOUND_S
+        out["launch_bound"] = bound.groupby(kind).mean().round(3)
+    return out
+
+
+def device_busy(frame: pd.DataFrame) -> float:
+    """The device's work over the span from the first step's first kernel to the last copy."""
+    span = frame.device_copied.iloc[-1] - frame.device_first.iloc[0]
+    return float((frame.device_copied - frame.device_first).sum() / span)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 1:
         sys.exit("usage: python bench/step_timeline.py TIMELINE.csv <harness overrides>")
+    if argv[0] == "--summary":
+        frame = pd.read_csv(argv[1])
+        print(summary(frame).to_string())
+        if "device_copied" in frame:
+            print(f"device busy: {device_busy(frame):.1%}")
+        return
     out = Path(argv[0])
     from harness.__main__ import main as harness_main
 
