@@ -142,9 +142,12 @@ class LLM:
     of identical decode steps in one go (exact; only with policies that declare
     ``steady_decode``, see ``engine.sim.fast_forward``). ``sim_host_time_scale``: the simulated
     host's time over the profiled one's (a profile with host and device times apart:
-    ``engine.sim.HostDeviceCostModel``). With ``overlap_scheduler`` the simulator
-    runs the overlap loop on a virtual device, or with ``sim_fast_forward`` the plain loop with
-    the admission overlap gives it (``PyExecutor(lagged_admission=True)``; the same request
+    ``engine.sim.HostDeviceCostModel``); ``sim_host_timeline`` (a ``engine.sim.HostTimeline`` or
+    its CSV file) scales it further by the second each step starts in (a real run's host
+    replayed), and ``sim_device_time_scale`` scales the device's time. With
+    ``overlap_scheduler`` the simulator runs the overlap loop on a virtual device, or with
+    ``sim_fast_forward`` the plain loop with the admission overlap gives it
+    (``PyExecutor(lagged_admission=True)``; the same request
     times, tested). Simulate overlap with a profile calibrated on overlap runs: their step
     times are the device's, where plain runs' include the host's. ``sim_host_pipeline``
     (overlap only, a profile with host and device times apart): the host as a second stage
@@ -174,12 +177,18 @@ class LLM:
         sim_fast_forward: bool = True,
         sim_host_time_scale: float = 1.0,
         sim_host_pipeline: bool = False,
+        sim_host_timeline: Any = None,
+        sim_device_time_scale: float = 1.0,
         overlap_scheduler: bool = False,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if engine != "sim" and sim_host_time_scale != 1.0:
             raise ValueError("sim_host_time_scale applies to engine='sim' only")
+        if engine != "sim" and sim_host_timeline is not None:
+            raise ValueError("sim_host_timeline applies to engine='sim' only")
+        if engine != "sim" and sim_device_time_scale != 1.0:
+            raise ValueError("sim_device_time_scale applies to engine='sim' only")
         if sim_host_pipeline and not (engine == "sim" and overlap_scheduler):
             raise ValueError(
                 "sim_host_pipeline applies to engine='sim' with overlap_scheduler=True (the "
@@ -206,7 +215,15 @@ class LLM:
                 piecewise_token_sizes=piecewise_token_sizes,
             )
             decoder, clock = self._init_sim(
-                model, dtype, cost_model, clock, padding, sim_host_time_scale, sim_host_pipeline
+                model,
+                dtype,
+                cost_model,
+                clock,
+                padding,
+                sim_host_time_scale,
+                sim_host_pipeline,
+                sim_host_timeline,
+                sim_device_time_scale,
             )
             # The pipeline's clock moves inside a step: the plain loop cannot emulate it.
             sim_fast_forward = sim_fast_forward and not sim_host_pipeline
@@ -315,13 +332,17 @@ class LLM:
         padding: StepPadding,
         host_time_scale: float,
         pipeline: bool,
+        host_timeline: Any = None,
+        device_time_scale: float = 1.0,
     ) -> tuple[SimDecoder, VirtualClock]:
         """No weights, no tensors: the model's shape, a cost model and a virtual clock. Steps
         are padded to ``padding``'s graph buckets (this LLM's settings, as on a GPU) where the
         profile's engine ran graphs too: its fitted per-row costs are per padded row then.
-        ``host_time_scale`` scales the host's part of each step (``HostDeviceCostModel``)."""
+        ``host_time_scale`` scales the host's part of each step (``HostDeviceCostModel``), and
+        ``host_timeline`` (a ``HostTimeline`` or its CSV file) by the second the step starts in;
+        ``device_time_scale`` its device's part."""
         from engine.models import load_tokenizer, model_limits, model_shape
-        from engine.sim import CostModel, HostDeviceCostModel, Profile, SimModelEngine
+        from engine.sim import CostModel, HostDeviceCostModel, HostTimeline, Profile, SimModelEngine
 
         if not isinstance(model, (str, os.PathLike)):
             raise ValueError("engine='sim' takes a preset name or a checkpoint directory")
@@ -348,6 +369,21 @@ class LLM:
                     f"and device times apart), not a {type(cost_model).__name__}"
                 )
             cost_model = dataclasses.replace(cost_model, host_time_scale=host_time_scale)
+        if device_time_scale != 1.0:
+            if not isinstance(cost_model, HostDeviceCostModel):
+                raise ValueError(
+                    f"sim_device_time_scale={device_time_scale} needs a HostDeviceCostModel (a "
+                    "profile with host and device times apart), not a "
+                    f"{type(cost_model).__name__}"
+                )
+            cost_model = dataclasses.replace(cost_model, device_time_scale=device_time_scale)
+        if isinstance(host_timeline, (str, os.PathLike)):
+            host_timeline = HostTimeline.load(host_timeline)
+        if host_timeline is not None and not isinstance(cost_model, HostDeviceCostModel):
+            raise ValueError(
+                "a host timeline needs a HostDeviceCostModel (a profile with host and device "
+                f"times apart), not a {type(cost_model).__name__}"
+            )
         self.profile = profile
         if profile is not None:
             self._warn_beyond_profile(profile)
@@ -376,7 +412,13 @@ class LLM:
                 padding.token_sizes if profiled.token_sizes else (),
             )
         self.model_engine = SimModelEngine(
-            cost_model, clock, vocab_size, max_seq_len, padding, pipeline=pipeline
+            cost_model,
+            clock,
+            vocab_size,
+            max_seq_len,
+            padding,
+            pipeline=pipeline,
+            host_timeline=host_timeline,
         )
         return SimDecoder(clock), clock
 

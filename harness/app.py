@@ -168,6 +168,8 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             overlap_scheduler=cfg.executor.overlap_scheduler,
             sim_host_time_scale=cfg.executor.sim_host_time_scale,
             sim_host_pipeline=cfg.executor.sim_host_pipeline,
+            sim_host_timeline=cfg.executor.sim_host_timeline,
+            sim_device_time_scale=cfg.executor.sim_device_time_scale,
             **graph_settings(cfg.executor),  # the buckets its steps are padded to
             **parts,
         )
@@ -182,6 +184,8 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             overlap_scheduler=cfg.executor.overlap_scheduler,
             sim_host_time_scale=cfg.executor.sim_host_time_scale,  # an error unless 1
             sim_host_pipeline=cfg.executor.sim_host_pipeline,  # an error unless false
+            sim_host_timeline=cfg.executor.sim_host_timeline,  # an error unless null
+            sim_device_time_scale=cfg.executor.sim_device_time_scale,  # an error unless 1
             **parts,
         )
     if cfg.executor.warmup and not is_sim:

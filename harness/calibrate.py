@@ -1,6 +1,7 @@
 """Calibrate a simulator profile with the steps of real serving runs.
 
     python -m harness.calibrate REAL [REAL ...] --profile P --out P2 [--max-steps 1000]
+    python -m harness.calibrate REAL [REAL ...] --profile P --host-timeline DIR
 
 REAL: run or sweep directories of the real engine (``harness.results.load``) on the GPU and model
 that ``P`` profiles. Every step of a run that ran a batch carries the counts the cost model reads
@@ -29,6 +30,12 @@ each step's host and device times apart; the profile keeps both, its cost model 
 (``engine.sim.HostDeviceCostModel``), and the command also prints each run's host time over the
 calibrated host model: the ``executor.sim_host_time_scale`` that simulates that run's host (the
 lent H200 hosts ran the same steps 1.9x apart from one machine or minute to another).
+
+Those hosts switch between a fast and a slow speed within a run, for seconds at a time
+(``engine.sim.host_timeline``). ``--host-timeline DIR`` writes each run's host speed second by
+second (``host_timeline-<i>.csv``, against the calibrated profile, or ``P`` without ``--out``);
+``executor.sim_host_timeline=FILE`` replays it in a simulation of that run's workload, which
+then separates the cost model's error from the host's.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from engine.sim.cost_model import ERRORS, HostDeviceCostModel, StepFeatures
+from engine.sim.host_timeline import HostTimeline
 from engine.sim.padding import StepPadding
 from engine.sim.profile import Profile
 from harness.config import graph_settings
@@ -51,6 +59,11 @@ from harness.results import RunResult, load
 log = logging.getLogger(__name__)
 
 HOST_SPREAD = 1.25  # runs whose host scales differ by more are flagged: one fit blends them
+TIMELINE_BIN_SECONDS = 1.0  # a host timeline's resolution: a few mixed steps a second or more
+# A step whose host time is under this share of its device time is the device's alone: the
+# device never waited for the host's launches (the device-time scale is measured on those).
+DEVICE_BOUND = 0.5
+SLOW_HOST = 1.3  # a second's scale above it counts as the host's slow state (--host-timeline)
 FEATURE_COLUMNS = {  # StepFeatures field -> iterations.parquet column
     "num_context_seqs": "num_context_requests",
     "num_context_tokens": "num_context_tokens",
@@ -129,6 +142,7 @@ def serving_steps(run: RunResult, model: str) -> pd.DataFrame:
     seconds = np.fmax(steps.host_time, steps.device_time) if overlap else steps.step_latency
     frame["seconds"] = seconds
     frame["host_seconds"] = steps.get("forward_enqueue_time", 0.0)
+    frame["time"] = steps.time  # the step's start on the run's clock (not a profile column)
     if overlap:  # what a HostDeviceCostModel fits apart (device_time NaN off CUDA: no split)
         frame["host_time"] = steps.host_time
         frame["device_time"] = steps.device_time
@@ -202,7 +216,9 @@ def calibrate(
             raise ValueError(f"{run.path}: no step ran a batch")
         rows = [
             {k: v for k, v in row.items() if v == v}  # NaN (no device_time): not recorded
-            for row in sample_steps(steps, max_steps).drop(columns="kind").to_dict("records")
+            for row in sample_steps(steps, max_steps)
+            .drop(columns=["kind", "time"])
+            .to_dict("records")
         ]
         source = {
             "run": str(run.path),
@@ -245,22 +261,81 @@ def host_time_table(profile: Profile, steps: pd.DataFrame) -> pd.DataFrame | Non
     """Per run of ``steps`` (``calibrate``'s table): its host time over the profile's host
     model (``HostDeviceCostModel``), the median over its steps with prompt tokens (where the
     host can hold the pipeline; all its steps if it has none): the
-    ``executor.sim_host_time_scale`` that simulates its host. None: no split model."""
+    ``executor.sim_host_time_scale`` that simulates its host; and its device time over the
+    device model's, in total (a queue adds them up) over its steps whose host took less than
+    ``DEVICE_BOUND`` of their device time (all its steps with a device time if none did): the
+    ``executor.sim_device_time_scale`` of its GPU. A step whose host is near its device time
+    has the device wait for the host's kernel launches (docs/performance.md, "A host of two
+    speeds"): its device time is partly the host's. None: no split model."""
     model = profile.cost_model()
     if not isinstance(model, HostDeviceCostModel) or "host_time" not in steps:
         return None
     steps = steps.dropna(subset=["host_time"])
-    predicted = np.array([model.host.predict(f) for f in features(steps)])
-    steps = steps.assign(ratio=steps.host_time.to_numpy() / predicted)
+    batch = features(steps)
+    predicted = np.array([model.host.predict(f) for f in batch])
+    steps = steps.assign(
+        ratio=steps.host_time.to_numpy() / predicted,
+        device_predicted=[model.device.predict(f) for f in batch],
+    )
     rows = []
     for run, group in steps.groupby("run", sort=False):
         context = group[group.kind != "decode"]
         chosen = context if len(context) else group
+        timed = group.dropna(subset=["device_time"]) if "device_time" in group else group[:0]
+        bound = timed.host_time < DEVICE_BOUND * timed.device_time
+        if bound.any():
+            timed = timed[bound]
+        device = timed.device_time.sum() / timed.device_predicted.sum() if len(timed) else np.nan
         rows.append(
             {
                 "run": run,
                 "steps": len(chosen),
                 "host_time_scale": float(chosen.ratio.median()),
+                "device_time_scale": float(device),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def host_timelines(
+    profile: Profile, steps: pd.DataFrame, bin_seconds: float = TIMELINE_BIN_SECONDS
+) -> dict[str, HostTimeline]:
+    """Per run of ``steps`` (``calibrate``'s table), its host's speed over time: each step's
+    host time over the profile's host model, the median over each ``bin_seconds`` of the
+    steps with prompt tokens (all its steps if it has none; ``host_time_table``'s choice).
+    Raises ``ValueError`` without a host/device split."""
+    model = profile.cost_model()
+    if not isinstance(model, HostDeviceCostModel) or "host_time" not in steps:
+        raise ValueError(
+            "a host timeline needs overlap runs with host_time and a profile that fits the "
+            "host apart (HostDeviceCostModel)"
+        )
+    steps = steps.dropna(subset=["host_time"])
+    timelines = {}
+    for run, group in steps.groupby("run", sort=False):
+        context = group[group.kind != "decode"]
+        chosen = context if len(context) else group
+        predicted = np.array([model.host.predict(f) for f in features(chosen)])
+        scales = chosen.host_time.to_numpy() / predicted
+        timelines[run] = HostTimeline.of_samples(chosen.time.to_numpy(), scales, bin_seconds)
+    return timelines
+
+
+def write_host_timelines(timelines: dict[str, HostTimeline], out: Path) -> pd.DataFrame:
+    """One CSV per run under ``out`` (``host_timeline-<i>.csv``, in the runs' order); returns
+    which run went where, and each timeline's median scale."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (run, timeline) in enumerate(timelines.items()):
+        path = out / f"host_timeline-{i}.csv"
+        timeline.save(path)
+        scales = np.array(timeline.scales)
+        rows.append(
+            {
+                "run": run,
+                "file": str(path),
+                "median": float(np.median(scales)),
+                "slow_share": float(np.mean(scales > SLOW_HOST)),
             }
         )
     return pd.DataFrame(rows)
@@ -269,11 +344,14 @@ def host_time_table(profile: Profile, steps: pd.DataFrame) -> pd.DataFrame | Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.calibrate",
-        description="Add the steps of real serving runs to a simulator profile.",
+        description="Add the steps of real serving runs to a simulator profile, and/or write "
+        "each run's host speed over time.",
     )
     parser.add_argument("real", nargs="+", help="run or sweep directories of the real engine")
     parser.add_argument("--profile", required=True, help="the profile to calibrate")
-    parser.add_argument("--out", required=True, help="where to write the calibrated profile")
+    parser.add_argument(
+        "--out", default=None, help="where to write the calibrated profile (none: no profile)"
+    )
     parser.add_argument(
         "--max-steps", type=int, default=1000, help="serving steps kept of each kind, a run"
     )
@@ -284,34 +362,58 @@ def main(argv: list[str] | None = None) -> int:
         help="what the fit minimises: relative (every step alike) or absolute (each by its "
         "time, the total a queue sees); default: the profile's (relative)",
     )
+    parser.add_argument(
+        "--host-timeline",
+        metavar="DIR",
+        default=None,
+        help="write each run's host speed over time to DIR, against the calibrated profile "
+        "(without --out: against --profile); executor.sim_host_timeline replays one in a "
+        "simulation of the same workload",
+    )
     args = parser.parse_args(argv)
+    if args.out is None and args.host_timeline is None:
+        parser.error("nothing to write: give --out (a calibrated profile) and/or --host-timeline")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         profile = Profile.load(args.profile)
         runs = [run for path in args.real for run in runs_under(path)]  # each read once
         calibrated, steps = calibrate(profile, runs, args.max_steps, args.fit_error)
-        table = bias_table(profile, calibrated, steps)
-        hosts = host_time_table(calibrated, steps)
+        # Host scales are against the profile a simulation will use: the calibrated one.
+        target = profile if args.out is None else calibrated
+        table = None if args.out is None else bias_table(profile, calibrated, steps)
+        hosts = host_time_table(target, steps)
+        timelines = None if args.host_timeline is None else host_timelines(target, steps)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    calibrated.save(args.out)
-    print(table.to_string(index=False))
+    which = "--profile's" if args.out is None else "the calibrated profile's"
+    if table is not None:
+        calibrated.save(args.out)
+        print(table.to_string(index=False))
     if hosts is not None:
         print(
-            "\nhost time of each run over the calibrated profile's (executor.sim_host_time_scale "
-            "simulates that host; runs far apart blur the fit):"
+            f"\nhost and device times of each run over {which} (executor.sim_host_time_scale and "
+            "sim_device_time_scale simulate them; hosts far apart blur the fit):"
         )
         print(hosts.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         low, high = hosts.host_time_scale.min(), hosts.host_time_scale.max()
-        if high > HOST_SPREAD * low:
+        if table is not None and high > HOST_SPREAD * low:
             print(
                 f"warning: these runs' hosts differ by {high / low:.2f}x ({low:.3g} to "
                 f"{high:.3g}): the fitted host time is a blend of them. Calibrate with runs of "
                 "one host speed and simulate the others with executor.sim_host_time_scale."
             )
-    num_added = len(calibrated.steps) - len(profile.steps)
-    print(f"\nwrote {args.out}: {num_added} serving steps added to {len(profile.steps)}")
+    if timelines is not None:
+        written = write_host_timelines(timelines, Path(args.host_timeline))
+        print(
+            f"\neach run's host over time against {which} host model, a scale each "
+            f"{TIMELINE_BIN_SECONDS:g} s (executor.sim_host_timeline=FILE replays it; "
+            f"slow_share: the share of them over {SLOW_HOST:g}):"
+        )
+        print(written.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if table is not None:
+        num_added = len(calibrated.steps) - len(profile.steps)
+        print(f"\nwrote {args.out}: {num_added} serving steps added to {len(profile.steps)}")
     return 0
 
 

@@ -74,6 +74,13 @@ class ExecutorConfig:
     # twice as slow; python -m harness.calibrate prints a real run's). Needs a profile with host
     # and device times apart (engine.sim.HostDeviceCostModel).
     sim_host_time_scale: float = 1.0
+    # engine=sim with overlap: a real run's host speed over time (a CSV of time_s,
+    # host_time_scale, as python -m harness.calibrate --host-timeline writes it), scaling each
+    # step's host time by the second it starts in, on top of sim_host_time_scale.
+    sim_host_timeline: str | None = None
+    # engine=sim with overlap: the simulated device's time over the profiled one's (a GPU 2%
+    # slower: 1.02; python -m harness.calibrate prints a real run's).
+    sim_device_time_scale: float = 1.0
     # engine=sim with overlap: the host as a second stage beside the device, its time on the
     # clock (engine.sim.engine), not the longer of the two a step; runs ~3.3x slower.
     sim_host_pipeline: bool = False

@@ -18,7 +18,10 @@ plotted predicted against measured (``steps.png``). Where the
 end metrics are off, this says which steps the profile mispredicts, with no simulation between.
 With a profile that fits the host's time apart, it also gives each real run's host time over the
 profile's (``host_time.csv``): a real run on a host more than 10% off the simulated one
-(``executor.sim_host_time_scale``) is named, with the scale that simulates it.
+(``executor.sim_host_time_scale``) is named, with the scale that simulates it. Its
+``device_time_scale`` column is the run's GPU against the profile's
+(``executor.sim_device_time_scale``). A host that changes speed within a run is replayed with
+``executor.sim_host_timeline`` (``python -m harness.calibrate --host-timeline``).
 
 The second directory may also be another real run of the same workload: the table is then the
 real engine's own spread, the floor under any simulator's error on that workload
@@ -426,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             scale = float(off.host_time_scale.median())
             print(
                 f"{len(off)} of {len(hosts)} real runs ran on a host more than 10% off the "
-                f"simulated one: simulate theirs with executor.sim_host_time_scale={scale:.3g}"
+                f"simulated one: simulate theirs with executor.sim_host_time_scale={scale:.3g}, "
+                "or replay each one's host second by second (python -m harness.calibrate REAL "
+                "--profile P --host-timeline DIR, then executor.sim_host_timeline=FILE)"
             )
     return 0
 

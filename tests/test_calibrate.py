@@ -254,7 +254,7 @@ def test_an_overlap_run_is_calibrated_to_its_steps_host_or_device_time(tmp_path:
     # No device time on the CPU: the rows keep the host's, and the fit is not split.
     assert all("device_time" not in r and r["host_time"] > 0 for r in serving)
     assert not calibrated.has_host_device_split
-    assert "host time of each run" not in capsys.readouterr().out
+    assert "host and device times of each run" not in capsys.readouterr().out
 
     # The same run as a GPU run would record it (device time beside the host's), onto a
     # profile with split serving steps of every kind: the fit is split, and the run's host
@@ -270,7 +270,7 @@ def test_an_overlap_run_is_calibrated_to_its_steps_host_or_device_time(tmp_path:
     assert [r["device_time"] for r in serving] == (0.5 * worked.host_time).tolist()
     assert calibrated.has_host_device_split
     printed = capsys.readouterr().out
-    assert "host time of each run" in printed and "host_time_scale" in printed
+    assert "host and device times of each run" in printed and "host_time_scale" in printed
     assert str(run) in printed and "warning" not in printed
     # The same run again on a host twice as slow: calibrating both together is flagged.
     slow = tmp_path / "slow"

@@ -6,6 +6,7 @@ padding.py     StepPadding: the graph buckets a real step's dense layers run on
 profile.py     Profile: measured step times of the real engine for one (device, model)
 profiler.py    python -m engine.sim.profiler: runs the real engine over a grid, writes a profile
 engine.py      SimModelEngine, SimDecoder
+host_timeline.py  HostTimeline: a real run's host speed over time, replayed
 fast_forward.py  runs of identical decode steps advanced in one go
 """
 
@@ -17,12 +18,14 @@ from engine.sim.cost_model import (
     StepFeatures,
 )
 from engine.sim.engine import PLACEHOLDER_TOKEN, SimDecoder, SimModelEngine
+from engine.sim.host_timeline import HostTimeline
 from engine.sim.profile import Profile, available_profiles, default_profile_path
 
 __all__ = [
     "PLACEHOLDER_TOKEN",
     "CostModel",
     "HostDeviceCostModel",
+    "HostTimeline",
     "LinearCostModel",
     "Profile",
     "RooflineCostModel",

@@ -180,31 +180,42 @@ class StepPhases:
 class HostDeviceCostModel(CostModel):
     """An overlap step: ``max(host_time_scale * host.predict, device.predict)``, the host's and
     the device's times fitted apart (``Profile.cost_model``). ``host_time_scale``: the simulated
-    host's time over the profiled one's (2.0: a host twice as slow); ``harness.calibrate``
-    prints each real run's. ``launch`` (optional): the forward's launch time, the part of ``host``
-    that overlaps the device (``phases``; the simulated engine's host pipeline)."""
+    host's time over the profiled one's (2.0: a host twice as slow), ``device_time_scale`` the
+    device's; ``harness.calibrate`` prints each real run's. ``launch`` (optional): the
+    forward's launch time, the part of ``host`` that overlaps the device (``phases``; the
+    simulated engine's host pipeline)."""
 
     host: CostModel
     device: CostModel
     host_time_scale: float = 1.0
     launch: CostModel | None = None
+    device_time_scale: float = 1.0  # the simulated device's time over the profiled one's
 
     def __post_init__(self) -> None:
-        if not self.host_time_scale > 0:
-            raise ValueError(f"host_time_scale must be > 0, got {self.host_time_scale}")
+        for name in ("host_time_scale", "device_time_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def predict(self, features: StepFeatures) -> float:
         host = self.host_time_scale * self.host.predict(features)
-        return max(host, self.device.predict(features))
+        return max(host, self.device_time_scale * self.device.predict(features))
 
-    def phases(self, features: StepFeatures) -> StepPhases:
+    def predict_on_host(self, features: StepFeatures, host_speed: float) -> float:
+        """``predict`` with the host's time scaled by ``host_speed`` as well (the scale of the
+        second the step starts in: ``engine.sim.host_timeline``)."""
+        host = self.host_time_scale * host_speed * self.host.predict(features)
+        return max(host, self.device_time_scale * self.device.predict(features))
+
+    def phases(self, features: StepFeatures, host_speed: float = 1.0) -> StepPhases:
         """The step's host, launch and device times, the host's scaled by
-        ``host_time_scale``; the launch is at most the host's time (they are fitted apart)."""
+        ``host_time_scale`` and ``host_speed``; the launch is at most the host's time (they
+        are fitted apart)."""
         if self.launch is None:
             raise ValueError("phases need a launch model (a profile with host_seconds)")
-        host = self.host_time_scale * self.host.predict(features)
-        launch = min(self.host_time_scale * self.launch.predict(features), host)
-        return StepPhases(host, launch, self.device.predict(features))
+        scale = self.host_time_scale * host_speed
+        host = scale * self.host.predict(features)
+        launch = min(scale * self.launch.predict(features), host)
+        return StepPhases(host, launch, self.device_time_scale * self.device.predict(features))
 
 
 STEP_KINDS = ("decode", "prefill", "mixed")  # StepFeatures.kind

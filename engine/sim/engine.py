@@ -31,6 +31,10 @@ max above charges only the longer of the two. ``SimDecoder`` returns the same pl
 for every request: outputs carry no content, and their lengths come from ``max_new_tokens`` (as
 with ``ignore_eos``), which is how workloads give them anyway.
 
+With a ``host_timeline`` (``engine.sim.host_timeline``: a real run's host speed over time) a
+step's host time is scaled by the timeline's scale at the second the step starts in, on top of
+``HostDeviceCostModel.host_time_scale``.
+
 A step's tokens are padded (``StepFeatures.num_padded_tokens``) to the graph buckets of the
 engine simulated, ``padding`` (``engine.sim.padding``): its GEMMs run on the bucket's rows.
 """
@@ -45,6 +49,7 @@ from engine.model_engine import ModelEngine
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.sim.cost_model import CostModel, HostDeviceCostModel, StepFeatures
+from engine.sim.host_timeline import HostTimeline
 from engine.sim.padding import StepPadding
 from engine.stats import StepWork
 
@@ -64,6 +69,7 @@ class SimModelEngine(ModelEngine):
         max_seq_len: int,
         padding: StepPadding | None = None,
         pipeline: bool = False,
+        host_timeline: HostTimeline | None = None,
     ):
         if pipeline and not (
             isinstance(cost_model, HostDeviceCostModel) and cost_model.launch is not None
@@ -72,7 +78,16 @@ class SimModelEngine(ModelEngine):
                 "the host pipeline needs a HostDeviceCostModel with a launch model "
                 f"(Profile.cost_model(with_launch=True)), not {type(cost_model).__name__}"
             )
+        if host_timeline is not None and not isinstance(cost_model, HostDeviceCostModel):
+            raise ValueError(
+                "a host timeline needs a HostDeviceCostModel (a profile with host and device "
+                f"times apart), not {type(cost_model).__name__}"
+            )
         self.cost_model = cost_model
+        self.host_timeline = host_timeline
+        # What a step costs (fast_forward calls it too): with a timeline, at the host's speed
+        # of the second the step starts in on the device.
+        self.predict = cost_model.predict if host_timeline is None else self._predict_on_timeline
         self.pipeline = pipeline
         self.padding = padding or StepPadding()  # the simulated engine's graph buckets
         self.clock = clock
@@ -98,7 +113,7 @@ class SimModelEngine(ModelEngine):
         self._features = features = StepFeatures.of(batch, self.padding)
         if self.pipeline:
             return self._pipelined(features)
-        seconds = self.cost_model.predict(features)
+        seconds = self.predict(features)
         if not seconds > 0:
             raise ValueError(
                 f"{type(self.cost_model).__name__} predicted {seconds} s for a step "
@@ -107,10 +122,16 @@ class SimModelEngine(ModelEngine):
         self.device_free_at = max(self.clock.now(), self.device_free_at) + seconds
         return self.device_free_at
 
+    def _predict_on_timeline(self, features: StepFeatures) -> float:
+        started = max(self.clock.now(), self.device_free_at)
+        return self.cost_model.predict_on_host(features, self.host_timeline.scale_at(started))
+
     def _pipelined(self, features: StepFeatures) -> float:
         """The host pipeline (module doc): the host's time passes on the clock, the device
         runs the step once the host's work before the launches is done."""
-        phases = self.cost_model.phases(features)
+        timeline = self.host_timeline
+        speed = 1.0 if timeline is None else timeline.scale_at(self.clock.now())
+        phases = self.cost_model.phases(features, speed)
         if not (phases.host > 0 and phases.device > 0):
             raise ValueError(
                 f"{type(self.cost_model).__name__} predicted {phases} for a step ({features}); "

@@ -81,7 +81,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
     kv_tokens = sum(r.num_tokens for r in requests)
     max_kv = max(r.num_tokens for r in requests)  # each request grows by one token a step
     engine = executor.model_engine
-    predict = engine.cost_model.predict
+    predict = engine.predict  # the cost model's, on the host's timeline if it has one
     num_padded = engine.padding.padded(num_seqs, is_decode_only=True)
     pending_times: list[float] = []  # token times not yet applied to the requests
     # Rows since the KV stats last changed, written to the log in one go (all their other

@@ -1,0 +1,45 @@
+"""bench/sim_replay.py: a real run simulated three ways, each against that run."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from bench.sim_replay import replay, workload_overrides
+from engine.sim import HostTimeline
+from tests.test_calibrate import cpu_run
+from tests.test_sim import split_profile
+
+
+def test_a_real_run_is_replayed_on_its_own_host_and_device(tmp_path: Path):
+    run = cpu_run(tmp_path, "executor.overlap_scheduler=true")
+    assert workload_overrides(run)[-1] == "hydra.mode=RUN"
+    assert not any(o.startswith(("output_root", "progress")) for o in workload_overrides(run))
+    iterations = pd.read_parquet(run / "iterations.parquet")
+    # As a GPU run records it: a device time beside the host's.
+    profile = dataclasses.replace(split_profile("llama-tiny"), device="cpu")
+    profile.save(tmp_path / "p.json")
+    iterations.assign(device_time=0.5 * iterations.host_time).to_parquet(run / "iterations.parquet")
+    out = tmp_path / "replay"
+    table = replay([str(run)], out, str(tmp_path / "p.json"))
+    assert table.way.tolist() == ["default", "host timeline", "timeline, device"]
+    assert table.within.str.fullmatch(r"[0-7]/7").all()
+    assert (out / "replay.csv").is_file()
+    timeline = HostTimeline.load(out / "0" / "host_timeline.csv")
+    assert len(timeline.scales) >= 1
+    # Each way's simulation ran with what it names, on the run's workload.
+    settings = []
+    for j in range(3):
+        (requests,) = (out / "0" / f"sim-{j}").rglob("requests.parquet")
+        cfg = yaml.safe_load((requests.parent / "config.yaml").read_text())
+        assert cfg["model"]["name"] == "llama-tiny" and cfg["executor"]["engine"] == "sim"
+        assert cfg["workload"]["max_requests"] == 8
+        settings.append(
+            (cfg["executor"]["sim_host_timeline"], cfg["executor"]["sim_device_time_scale"])
+        )
+    timeline_path = str(out / "0" / "host_timeline.csv")
+    scale = round(float(table.device_scale.iloc[0]), 4)
+    assert settings == [(None, 1.0), (timeline_path, 1.0), (timeline_path, scale)]
