@@ -33,7 +33,9 @@ register_resolvers()
 
 
 def harness(tmp_path: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    # The repo first, then what the caller had (a machine may carry Hydra in a --target dir).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HYDRA_FULL_ERROR": "0"}
     proc = subprocess.run(
         # flags (-m) must come before the overrides
         [
