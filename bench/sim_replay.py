@@ -1,6 +1,6 @@
 """Replay real runs in the simulator on their own host and GPU: the cost model's own error.
 
-    python bench/sim_replay.py REAL [REAL ...] --out DIR [--profile P]
+    python bench/sim_replay.py REAL [REAL ...] --out DIR [--profile P] [--set KEY=VALUE ...]
 
 REAL: run or sweep directories of the real engine with overlap scheduling (each run's
 ``.hydra/overrides.yaml`` names its workload). For each run, ``harness.calibrate`` measures its
@@ -17,7 +17,9 @@ two apart (docs/performance.md, "A host of two speeds"): the first row mixes the
 error with those, the last is what is left of the model's own. Writes ``DIR/replay.csv`` (a row
 per run and way: the issue's 7 targets met, and each metric's error) and prints it; the
 simulations and their fidelity tables are under ``DIR/<i>/``. The profile defaults to the
-committed one of the run's model (``engine/sim/profiles/h200/<model>.overlap.json``).
+committed one of the run's model (``engine/sim/profiles/h200/<model>.overlap.json``); ``--set``
+adds an override to every simulation (``--set executor.sim_host_pipeline=true``: the host as a
+pipeline stage).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -81,7 +84,9 @@ def fidelity_row(real: Path, sim: Path, out: Path) -> dict[str, float]:
     }
 
 
-def replay(reals: list[str], out: Path, profile_path: str | None = None) -> pd.DataFrame:
+def replay(
+    reals: list[str], out: Path, profile_path: str | None = None, extra: Sequence[str] = ()
+) -> pd.DataFrame:
     rows = []
     runs = [run for path in reals for run in runs_under(path)]
     for i, run in enumerate(runs):
@@ -99,7 +104,7 @@ def replay(reals: list[str], out: Path, profile_path: str | None = None) -> pd.D
         here = out / str(i)
         here.mkdir(parents=True, exist_ok=True)
         timeline.save(here / "host_timeline.csv")
-        overrides = [*workload_overrides(run.path), f"executor.profile={path}"]
+        overrides = [*workload_overrides(run.path), f"executor.profile={path}", *extra]
         replayed = f"executor.sim_host_timeline={here / 'host_timeline.csv'}"
         ways = {"default": [], "host timeline": [replayed]}
         if math.isfinite(device_scale):  # NaN: the run timed no device (a CPU run)
@@ -119,9 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("real", nargs="+", help="run or sweep directories of the real engine")
     parser.add_argument("--out", required=True, help="where the simulations and replay.csv go")
     parser.add_argument("--profile", default=None, help="default: the model's committed one")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every simulation (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
-        table = replay(args.real, Path(args.out), args.profile)
+        table = replay(args.real, Path(args.out), args.profile, args.set)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@ def test_a_real_run_is_replayed_on_its_own_host_and_device(tmp_path: Path):
     profile.save(tmp_path / "p.json")
     iterations.assign(device_time=0.5 * iterations.host_time).to_parquet(run / "iterations.parquet")
     out = tmp_path / "replay"
-    table = replay([str(run)], out, str(tmp_path / "p.json"))
+    extra = ["executor.sim_host_time_scale=1.5"]  # --set: added to every way
+    table = replay([str(run)], out, str(tmp_path / "p.json"), extra)
     assert table.way.tolist() == ["default", "host timeline", "timeline, device"]
     assert table.within.str.fullmatch(r"[0-7]/7").all()
     assert (out / "replay.csv").is_file()
@@ -37,6 +38,7 @@ def test_a_real_run_is_replayed_on_its_own_host_and_device(tmp_path: Path):
         cfg = yaml.safe_load((requests.parent / "config.yaml").read_text())
         assert cfg["model"]["name"] == "llama-tiny" and cfg["executor"]["engine"] == "sim"
         assert cfg["workload"]["max_requests"] == 8
+        assert cfg["executor"]["sim_host_time_scale"] == 1.5
         settings.append(
             (cfg["executor"]["sim_host_timeline"], cfg["executor"]["sim_device_time_scale"])
         )
