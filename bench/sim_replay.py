@@ -110,8 +110,8 @@ def replay(
         if math.isfinite(device_scale):  # NaN: the run timed no device (a CPU run)
             device = f"executor.sim_device_time_scale={device_scale:.4f}"
             ways["timeline, device"] = [replayed, device]
-        for j, (way, extra) in enumerate(ways.items()):
-            sim = simulate(overrides + extra, here / f"sim-{j}")
+        for j, (way, settings) in enumerate(ways.items()):
+            sim = simulate(overrides + settings, here / f"sim-{j}")
             row = fidelity_row(run.path, sim, here / f"fidelity-{j}")
             rows.append({"run": str(run.path), "way": way, "device_scale": device_scale, **row})
     table = pd.DataFrame(rows)

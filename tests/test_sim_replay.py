@@ -25,23 +25,24 @@ def test_a_real_run_is_replayed_on_its_own_host_and_device(tmp_path: Path):
     iterations.assign(device_time=0.5 * iterations.host_time).to_parquet(run / "iterations.parquet")
     out = tmp_path / "replay"
     extra = ["executor.sim_host_time_scale=1.5"]  # --set: added to every way
-    table = replay([str(run)], out, str(tmp_path / "p.json"), extra)
-    assert table.way.tolist() == ["default", "host timeline", "timeline, device"]
+    # The same run twice: the second is replayed as the first, nothing carried over.
+    table = replay([str(run), str(run)], out, str(tmp_path / "p.json"), extra)
+    assert table.way.tolist() == ["default", "host timeline", "timeline, device"] * 2
     assert table.within.str.fullmatch(r"[0-7]/7").all()
     assert (out / "replay.csv").is_file()
     timeline = HostTimeline.load(out / "0" / "host_timeline.csv")
     assert len(timeline.scales) >= 1
     # Each way's simulation ran with what it names, on the run's workload.
-    settings = []
-    for j in range(3):
-        (requests,) = (out / "0" / f"sim-{j}").rglob("requests.parquet")
-        cfg = yaml.safe_load((requests.parent / "config.yaml").read_text())
-        assert cfg["model"]["name"] == "llama-tiny" and cfg["executor"]["engine"] == "sim"
-        assert cfg["workload"]["max_requests"] == 8
-        assert cfg["executor"]["sim_host_time_scale"] == 1.5
-        settings.append(
-            (cfg["executor"]["sim_host_timeline"], cfg["executor"]["sim_device_time_scale"])
-        )
-    timeline_path = str(out / "0" / "host_timeline.csv")
-    scale = round(float(table.device_scale.iloc[0]), 4)
-    assert settings == [(None, 1.0), (timeline_path, 1.0), (timeline_path, scale)]
+    for i in range(2):
+        settings = []
+        for j in range(3):
+            (requests,) = (out / str(i) / f"sim-{j}").rglob("requests.parquet")
+            cfg = yaml.safe_load((requests.parent / "config.yaml").read_text())
+            assert cfg["model"]["name"] == "llama-tiny" and cfg["executor"]["engine"] == "sim"
+            assert cfg["workload"]["max_requests"] == 8
+            assert cfg["executor"]["sim_host_time_scale"] == 1.5
+            executor = cfg["executor"]
+            settings.append((executor["sim_host_timeline"], executor["sim_device_time_scale"]))
+        timeline_path = str(out / str(i) / "host_timeline.csv")
+        scale = round(float(table.device_scale.iloc[3 * i]), 4)
+        assert settings == [(None, 1.0), (timeline_path, 1.0), (timeline_path, scale)]
