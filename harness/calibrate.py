@@ -257,6 +257,21 @@ def bias_table(before: Profile, after: Profile, steps: pd.DataFrame) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def host_ratios(model: HostDeviceCostModel, steps: pd.DataFrame) -> pd.DataFrame:
+    """The ``steps`` (``calibrate``'s table) that record a host time, each with its ``ratio``:
+    that time over ``model``'s host fit."""
+    steps = steps.dropna(subset=["host_time"])
+    predicted = np.array([model.host.predict(f) for f in features(steps)])
+    return steps.assign(ratio=steps.host_time.to_numpy() / predicted)
+
+
+def host_bound_candidates(run_steps: pd.DataFrame) -> pd.DataFrame:
+    """One run's steps with prompt tokens, where the host can hold the pipeline (all of them if
+    it has none): what its host scales are measured on."""
+    context = run_steps[run_steps.kind != "decode"]
+    return context if len(context) else run_steps
+
+
 def host_time_table(profile: Profile, steps: pd.DataFrame) -> pd.DataFrame | None:
     """Per run of ``steps`` (``calibrate``'s table): its host time over the profile's host
     model (``HostDeviceCostModel``), the median over its steps with prompt tokens (where the
@@ -270,17 +285,11 @@ def host_time_table(profile: Profile, steps: pd.DataFrame) -> pd.DataFrame | Non
     model = profile.cost_model()
     if not isinstance(model, HostDeviceCostModel) or "host_time" not in steps:
         return None
-    steps = steps.dropna(subset=["host_time"])
-    batch = features(steps)
-    predicted = np.array([model.host.predict(f) for f in batch])
-    steps = steps.assign(
-        ratio=steps.host_time.to_numpy() / predicted,
-        device_predicted=[model.device.predict(f) for f in batch],
-    )
+    steps = host_ratios(model, steps)
+    steps = steps.assign(device_predicted=[model.device.predict(f) for f in features(steps)])
     rows = []
     for run, group in steps.groupby("run", sort=False):
-        context = group[group.kind != "decode"]
-        chosen = context if len(context) else group
+        chosen = host_bound_candidates(group)
         timed = group.dropna(subset=["device_time"]) if "device_time" in group else group[:0]
         bound = timed.host_time < DEVICE_BOUND * timed.device_time
         if bound.any():
@@ -310,14 +319,10 @@ def host_timelines(
             "a host timeline needs overlap runs with host_time and a profile that fits the "
             "host apart (HostDeviceCostModel)"
         )
-    steps = steps.dropna(subset=["host_time"])
     timelines = {}
-    for run, group in steps.groupby("run", sort=False):
-        context = group[group.kind != "decode"]
-        chosen = context if len(context) else group
-        predicted = np.array([model.host.predict(f) for f in features(chosen)])
-        scales = chosen.host_time.to_numpy() / predicted
-        timelines[run] = HostTimeline.of_samples(chosen.time.to_numpy(), scales, bin_seconds)
+    for run, group in host_ratios(model, steps).groupby("run", sort=False):
+        chosen = host_bound_candidates(group)
+        timelines[run] = HostTimeline.of_samples(chosen.time, chosen.ratio, bin_seconds)
     return timelines
 
 
