@@ -35,6 +35,13 @@ reference their median, metric by metric, which one noisy run cannot move; ``rea
 a black bar per metric in the plot), and ``within_spread`` whether the simulator's error lies
 inside it. On a load that queues the real engine's TTFT P50 moves by 20% from run to run
 (docs/performance.md): a 5% target there means something only against such a median.
+
+Sweeps are run to compare their runs, so for two or more paired runs it also reports each
+run's effect against a baseline run (``--baseline TEXT``: the run whose overrides contain
+TEXT; by default the first, e.g. ``guaranteed_no_evict`` before ``max_utilization``), real and
+simulated, on every metric: ``effects.csv`` (``harness.fidelity.effects``) and
+``effects.png``. The machine of the day moves a sweep's absolute numbers by more than it moves
+the difference a policy makes (docs/performance.md, "Effects").
 """
 
 from __future__ import annotations
@@ -155,6 +162,75 @@ def with_real_range(
         within_spread=(table.real_low <= table.relative_error)
         & (table.relative_error <= table.real_high)
     )
+
+
+def baseline_of(variants: list[str], baseline: str | None) -> str:
+    """The variant the others are compared with: the one whose key contains ``baseline``, or
+    the first (runs sort by their overrides: ``guaranteed_no_evict`` before
+    ``max_utilization``)."""
+    if baseline is None:
+        return variants[0]
+    found = [v for v in variants if baseline in v]
+    if len(found) != 1:
+        raise ValueError(
+            f"--baseline {baseline!r} must name one run of {variants}: it matches {found}"
+        )
+    return found[0]
+
+
+def direction(effect: float, target: float) -> str:
+    """``higher``, ``lower`` or ``same`` (within ``target`` of no change)."""
+    if abs(effect) <= target:
+        return "same"
+    return "higher" if effect > 0 else "lower"
+
+
+def effects(
+    reals: list[dict[str, dict]], sim: dict[str, dict], baseline: str | None = None
+) -> pd.DataFrame:
+    """What a sweep is run for: each variant against a baseline variant, real and simulated.
+
+    A variant's effect on a metric is ``value / baseline's value - 1`` in the same sweep (a
+    policy that cuts TTFT P50 from 20 to 15 ms: -25%). ``real_effect`` is the median over the
+    real sweeps ``reals`` (repeats), each sweep's variant against that sweep's own baseline
+    (the same machine, minutes apart); ``real_low``/``real_high`` their range.
+    ``difference`` is ``sim_effect - real_effect`` (points), ``within_target`` whether it is
+    inside the metric's target, and ``same_direction`` whether both say higher, lower or the
+    same (within the target of no change). One row per (variant, metric), baseline
+    excluded; empty with fewer than two variants in common."""
+    common = sorted(set(sim).intersection(*(set(r) for r in reals)))
+    if len(common) < 2:
+        return pd.DataFrame()
+    base = baseline_of(common, baseline)
+    rows = []
+    for variant in (v for v in common if v != base):
+        for metric, target in TARGETS.items():
+            real = [
+                r[variant][metric] / r[base][metric] - 1
+                for r in reals
+                if r[variant].get(metric) is not None and r[base].get(metric)
+            ]
+            s, b = sim[variant].get(metric), sim[base].get(metric)
+            if not real or s is None or not b:
+                continue
+            real_effect, sim_effect = float(pd.Series(real).median()), s / b - 1
+            rows.append(
+                {
+                    "variant": variant,
+                    "baseline": base,
+                    "metric": metric,
+                    "real_effect": real_effect,
+                    "real_low": min(real),
+                    "real_high": max(real),
+                    "sim_effect": sim_effect,
+                    "difference": sim_effect - real_effect,
+                    "target": target,
+                    "within_target": abs(sim_effect - real_effect) <= target,
+                    "same_direction": direction(sim_effect, target)
+                    == direction(real_effect, target),
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 STEP_KINDS = ("decode", "prefill", "mixed")
@@ -341,6 +417,42 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def effect_names(table: pd.DataFrame) -> dict[str, str]:
+    """``effects``' variants and baseline, each named by the overrides that set it apart."""
+    variants = list(dict.fromkeys([table["baseline"].iloc[0], *table["variant"]]))
+    return dict(zip(variants, short_names(variants), strict=True))
+
+
+def plot_effects(table: pd.DataFrame, path: Path) -> None:
+    """Per variant, each metric's effect against the baseline: real (grey, with the repeats'
+    range) beside simulated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(table["variant"]))
+    names = effect_names(table)
+    fig, axes = plt.subplots(len(variants), 1, figsize=(8, 3.2 * len(variants)), squeeze=False)
+    for ax, variant in zip(axes[:, 0], variants, strict=True):
+        rows = table[table["variant"] == variant]
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], 100 * rows["real_effect"], 0.4, color="grey", label="real")
+        ax.vlines([x - 0.2 for x in xs], 100 * rows["real_low"], 100 * rows["real_high"],
+                  color="black", linewidth=2, label="real repeats' range")  # fmt: skip
+        ax.bar([x + 0.2 for x in xs], 100 * rows["sim_effect"], 0.4, label="sim")
+        ax.axhline(0, color="black", linewidth=0.8)
+        labels = [m.removesuffix("_ms") for m in rows["metric"]]
+        ax.set_xticks(list(xs), labels, rotation=45, ha="right")
+        ax.set_ylabel("against the baseline (%)")
+        baseline = names[rows["baseline"].iloc[0]]
+        ax.set_title(f"{names[variant]} against {baseline}", fontsize="medium")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.fidelity", description=__doc__.split("\n\n")[0]
@@ -360,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spread", type=Path, default=None, help="a second real run: the real engine's spread"
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="TEXT",
+        help="sweeps: the run the others' effects are measured against (the one whose "
+        "overrides contain TEXT; default: the first)",
+    )
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("give a real directory and a sim one (REAL [REAL ...] SIM)")
@@ -371,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         real, spread = summaries[0], None
         if len(reals) > 1:
             real, spread = median_summaries(summaries)
-        table = compare(real, run_summaries(sim))
+        simulated = run_summaries(sim)
+        table = compare(real, simulated)
+        comparison = effects(summaries, simulated, args.baseline)
         if spread is not None:
             table = with_real_range(table, spread)
         if args.spread is not None:
@@ -403,6 +524,25 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"against the median of {len(reals)} real runs; the error lies within their range "
             f"on {inside}/{len(table)}"
+        )
+    if len(comparison):
+        comparison.to_csv(out / "effects.csv", index=False)
+        plot_effects(comparison, out / "effects.png")
+        percent = ("real_effect", "real_low", "real_high", "sim_effect", "difference")
+        shown = comparison.assign(
+            **{c: (100 * comparison[c]).round(1) for c in percent},
+        ).drop(columns=["baseline", "target"])
+        names = effect_names(comparison)
+        shown["variant"] = shown["variant"].map(names)
+        print(
+            f"\neach run against {names[comparison['baseline'].iloc[0]]}, real and simulated "
+            "(in %; difference in points):"
+        )
+        print(shown.to_string(index=False))
+        print(
+            f"{int(comparison['within_target'].sum())}/{len(comparison)} effects within target, "
+            f"direction agreed on {int(comparison['same_direction'].sum())}/{len(comparison)}; "
+            f"wrote {out / 'effects.csv'} and effects.png"
         )
     if steps is not None:
         summary = step_table(steps)

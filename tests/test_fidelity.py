@@ -13,6 +13,7 @@ from harness.fidelity import (
     TARGETS,
     THROUGHPUT_METRICS,
     compare,
+    effects,
     main,
     median_summaries,
     with_real_range,
@@ -73,6 +74,37 @@ def test_several_real_runs_are_compared_by_their_median_with_their_range():
         assert bool(rows.loc["p50_ttft_ms", "within_target"]) is inside
     with pytest.raises(ValueError, match="no run in common"):
         median_summaries([{"a": summary(1.0)}, {"b": summary(1.0)}])
+
+
+def test_effects_of_a_policy_real_and_simulated():
+    """Two real sweeps where b cuts latencies by 20% and 25% (throughput: 50 / scale up by 25%
+    and 33%): the real effect is their median, -22.5%, with its range; a sim where b cuts them
+    by 22% is 0.5 points off, within target, same direction; one where b adds 2% is 'the same'
+    against a real 'lower': outside the target, the direction wrong."""
+    reals = [{"a": summary(1.0), "b": summary(0.8)}, {"a": summary(2.0), "b": summary(1.5)}]
+    table = effects(reals, {"a": summary(1.0), "b": summary(0.78), "c": summary(1.0)})
+    assert set(table["variant"]) == {"b"} and set(table["baseline"]) == {"a"}
+    assert len(table) == len(TARGETS)  # c: not in the real sweeps
+    rows = table.set_index("metric")
+    ttft = rows.loc["p50_ttft_ms"]
+    assert math.isclose(ttft.real_effect, -0.225) and math.isclose(ttft.sim_effect, -0.22)
+    assert math.isclose(ttft.real_low, -0.25) and math.isclose(ttft.real_high, -0.2)
+    assert math.isclose(ttft.difference, 0.005) and ttft.within_target and ttft.same_direction
+    throughput = rows.loc["output_throughput"]
+    assert math.isclose(throughput.real_effect, (1 / 0.8 + 1 / 0.75) / 2 - 1)
+    assert math.isclose(throughput.difference, 1 / 0.78 - 1 - throughput.real_effect)
+    assert throughput.within_target  # 28.2% against 29.2%: 1 point, under the 3% target
+    wrong = effects(reals, {"a": summary(1.0), "b": summary(1.02)}).set_index("metric")
+    assert not wrong.loc["p50_ttft_ms", "within_target"]
+    assert not wrong.loc["p50_ttft_ms", "same_direction"]  # "same" (2% < 5%) against "lower"
+    # The baseline named: a's effects against b
+    flipped = effects(reals, {"a": summary(1.0), "b": summary(0.78)}, baseline="b")
+    assert set(flipped["variant"]) == {"a"}
+    assert math.isclose(flipped.set_index("metric").loc["p50_ttft_ms", "real_effect"],
+                        (1 / 0.8 + 2 / 1.5) / 2 - 1)  # fmt: skip
+    with pytest.raises(ValueError, match="must name one run"):
+        effects(reals, {"a": summary(1.0), "b": summary(1.0)}, baseline="x")
+    assert effects([{"a": summary(1.0)}], {"a": summary(1.0)}).empty  # one run: no effects
 
 
 def sim_run(tmp_path: Path) -> tuple[Path, Path]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -312,6 +313,19 @@ def test_sim_engine_runs_an_experiment_from_a_profile(tmp_path: Path):
     run = next(r for r in sweep.runs if r.info["status"] == "ok")
     assert run.info["engine"] == "sim" and run.info["device"] == "sim (Synthetic GPU)"
     assert run.info["model"] == "llama-1b" and run.info["num_requests"] == 120
+    # The fidelity report on the sweep against itself: max_utilization's effect against
+    # guaranteed_no_evict (the first), the same on both sides.
+    from harness.fidelity import main as fidelity
+
+    report = tmp_path / "report"
+    assert fidelity([str(sweep.path), str(sweep.path), "--out", str(report)]) == 0
+    table = pd.read_csv(report / "effects.csv")
+    assert set(table["variant"].str.extract(r"capacity_scheduler=(\w+)")[0]) == {"max_utilization"}
+    assert (table["difference"] == 0).all() and table["same_direction"].all()
+    assert (report / "effects.png").stat().st_size > 0
+    args = [str(sweep.path), str(sweep.path), "--out", str(report), "--baseline", "max_util"]
+    assert fidelity(args) == 0
+    assert pd.read_csv(report / "effects.csv")["baseline"].str.contains("max_util").all()
 
 
 def test_sim_engine_without_a_profile_says_how_to_make_one(tmp_path: Path):
