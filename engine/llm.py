@@ -144,7 +144,9 @@ class LLM:
     host's time over the profiled one's (a profile with host and device times apart:
     ``engine.sim.HostDeviceCostModel``); ``sim_host_timeline`` (a ``engine.sim.HostTimeline`` or
     its CSV file) scales it further by the second each step starts in (a real run's host
-    replayed), and ``sim_device_time_scale`` scales the device's time. With
+    replayed), or ``sim_host_speeds`` (a ``engine.sim.HostSpeeds`` or its JSON file) by a host
+    that switches between two speeds, drawn with ``seed`` (``engine.sim.host_speeds``); and
+    ``sim_device_time_scale`` scales the device's time. With
     ``overlap_scheduler`` the simulator runs the overlap loop on a virtual device, or with
     ``sim_fast_forward`` the plain loop with the admission overlap gives it
     (``PyExecutor(lagged_admission=True)``; the same request
@@ -178,6 +180,7 @@ class LLM:
         sim_host_time_scale: float = 1.0,
         sim_host_pipeline: bool = False,
         sim_host_timeline: Any = None,
+        sim_host_speeds: Any = None,
         sim_device_time_scale: float = 1.0,
         overlap_scheduler: bool = False,
     ):
@@ -187,6 +190,13 @@ class LLM:
             raise ValueError("sim_host_time_scale applies to engine='sim' only")
         if engine != "sim" and sim_host_timeline is not None:
             raise ValueError("sim_host_timeline applies to engine='sim' only")
+        if engine != "sim" and sim_host_speeds is not None:
+            raise ValueError("sim_host_speeds applies to engine='sim' only")
+        if sim_host_timeline is not None and sim_host_speeds is not None:
+            raise ValueError(
+                "give sim_host_timeline (a real run's host) or sim_host_speeds (a simulated "
+                "host of two speeds), not both"
+            )
         if engine != "sim" and sim_device_time_scale != 1.0:
             raise ValueError("sim_device_time_scale applies to engine='sim' only")
         if sim_host_pipeline and not (engine == "sim" and overlap_scheduler):
@@ -224,6 +234,8 @@ class LLM:
                 sim_host_pipeline,
                 sim_host_timeline,
                 sim_device_time_scale,
+                sim_host_speeds,
+                seed,
             )
             # The pipeline's clock moves inside a step: the plain loop cannot emulate it.
             sim_fast_forward = sim_fast_forward and not sim_host_pipeline
@@ -334,15 +346,25 @@ class LLM:
         pipeline: bool,
         host_timeline: Any = None,
         device_time_scale: float = 1.0,
+        host_speeds: Any = None,
+        seed: int = 0,
     ) -> tuple[SimDecoder, VirtualClock]:
         """No weights, no tensors: the model's shape, a cost model and a virtual clock. Steps
         are padded to ``padding``'s graph buckets (this LLM's settings, as on a GPU) where the
         profile's engine ran graphs too: its fitted per-row costs are per padded row then.
         ``host_time_scale`` scales the host's part of each step (``HostDeviceCostModel``), and
-        ``host_timeline`` (a ``HostTimeline`` or its CSV file) by the second the step starts in;
-        ``device_time_scale`` its device's part."""
+        ``host_timeline`` (a ``HostTimeline`` or its CSV file) by the second the step starts in,
+        or ``host_speeds`` (``HostSpeeds`` or its JSON file) by a two-speed host drawn with
+        ``seed``; ``device_time_scale`` its device's part."""
         from engine.models import load_tokenizer, model_limits, model_shape
-        from engine.sim import CostModel, HostDeviceCostModel, HostTimeline, Profile, SimModelEngine
+        from engine.sim import (
+            CostModel,
+            HostDeviceCostModel,
+            HostSpeeds,
+            HostTimeline,
+            Profile,
+            SimModelEngine,
+        )
 
         if not isinstance(model, (str, os.PathLike)):
             raise ValueError("engine='sim' takes a preset name or a checkpoint directory")
@@ -379,6 +401,17 @@ class LLM:
             cost_model = dataclasses.replace(cost_model, device_time_scale=device_time_scale)
         if isinstance(host_timeline, (str, os.PathLike)):
             host_timeline = HostTimeline.load(host_timeline)
+        if isinstance(host_speeds, (str, os.PathLike)):
+            host_speeds = HostSpeeds.load(host_speeds)
+        if host_speeds is not None:
+            if not isinstance(host_speeds, HostSpeeds):
+                raise ValueError(f"sim_host_speeds must be HostSpeeds or a file: {host_speeds!r}")
+            if not isinstance(cost_model, HostDeviceCostModel):
+                raise ValueError(
+                    "host speeds need a HostDeviceCostModel (a profile with host and device "
+                    f"times apart), not a {type(cost_model).__name__}"
+                )
+            host_timeline = host_speeds.host(seed)  # a timeline drawn as the run goes
         if host_timeline is not None and not isinstance(cost_model, HostDeviceCostModel):
             raise ValueError(
                 "a host timeline needs a HostDeviceCostModel (a profile with host and device "

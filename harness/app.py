@@ -169,6 +169,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             sim_host_time_scale=cfg.executor.sim_host_time_scale,
             sim_host_pipeline=cfg.executor.sim_host_pipeline,
             sim_host_timeline=cfg.executor.sim_host_timeline,
+            sim_host_speeds=cfg.executor.sim_host_speeds,
             sim_device_time_scale=cfg.executor.sim_device_time_scale,
             **graph_settings(cfg.executor),  # the buckets its steps are padded to
             **parts,
@@ -185,6 +186,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             sim_host_time_scale=cfg.executor.sim_host_time_scale,  # an error unless 1
             sim_host_pipeline=cfg.executor.sim_host_pipeline,  # an error unless false
             sim_host_timeline=cfg.executor.sim_host_timeline,  # an error unless null
+            sim_host_speeds=cfg.executor.sim_host_speeds,  # an error unless null
             sim_device_time_scale=cfg.executor.sim_device_time_scale,  # an error unless 1
             **parts,
         )

@@ -2,6 +2,7 @@
 
     python -m harness.calibrate REAL [REAL ...] --profile P --out P2 [--max-steps 1000]
     python -m harness.calibrate REAL [REAL ...] --profile P --host-timeline DIR
+    python -m harness.calibrate REAL [REAL ...] --profile P --host-speeds FILE
 
 REAL: run or sweep directories of the real engine (``harness.results.load``) on the GPU and model
 that ``P`` profiles. Every step of a run that ran a batch carries the counts the cost model reads
@@ -35,7 +36,10 @@ Those hosts switch between a fast and a slow speed within a run, for seconds at 
 (``engine.sim.host_timeline``). ``--host-timeline DIR`` writes each run's host speed second by
 second (``host_timeline-<i>.csv``, against the calibrated profile, or ``P`` without ``--out``);
 ``executor.sim_host_timeline=FILE`` replays it in a simulation of that run's workload, which
-then separates the cost model's error from the host's.
+then separates the cost model's error from the host's. ``--host-speeds FILE`` fits the two
+speeds and how long each lasts to all the runs' timelines (``engine.sim.HostSpeeds``);
+``executor.sim_host_speeds=FILE`` simulates any workload on such a host, drawn with the run's
+seed.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from engine.sim.cost_model import ERRORS, HostDeviceCostModel, StepFeatures
+from engine.sim.host_speeds import SLOW_THRESHOLD, HostSpeeds
 from engine.sim.host_timeline import HostTimeline
 from engine.sim.padding import StepPadding
 from engine.sim.profile import Profile
@@ -63,7 +68,6 @@ TIMELINE_BIN_SECONDS = 1.0  # a host timeline's resolution: a few mixed steps a 
 # A step whose host time is under this share of its device time is the device's alone: the
 # device never waited for the host's launches (the device-time scale is measured on those).
 DEVICE_BOUND = 0.5
-SLOW_HOST = 1.3  # a second's scale above it counts as the host's slow state (--host-timeline)
 FEATURE_COLUMNS = {  # StepFeatures field -> iterations.parquet column
     "num_context_seqs": "num_context_requests",
     "num_context_tokens": "num_context_tokens",
@@ -340,7 +344,7 @@ def write_host_timelines(timelines: dict[str, HostTimeline], out: Path) -> pd.Da
                 "run": run,
                 "file": str(path),
                 "median": float(np.median(scales)),
-                "slow_share": float(np.mean(scales > SLOW_HOST)),
+                "slow_share": float(np.mean(scales > SLOW_THRESHOLD)),
             }
         )
     return pd.DataFrame(rows)
@@ -375,9 +379,19 @@ def main(argv: list[str] | None = None) -> int:
         "(without --out: against --profile); executor.sim_host_timeline replays one in a "
         "simulation of the same workload",
     )
+    parser.add_argument(
+        "--host-speeds",
+        metavar="FILE",
+        default=None,
+        help="fit a host of two speeds to the runs' timelines and write it to FILE (JSON); "
+        "executor.sim_host_speeds=FILE simulates on such a host",
+    )
     args = parser.parse_args(argv)
-    if args.out is None and args.host_timeline is None:
-        parser.error("nothing to write: give --out (a calibrated profile) and/or --host-timeline")
+    if args.out is None and args.host_timeline is None and args.host_speeds is None:
+        parser.error(
+            "nothing to write: give --out (a calibrated profile), --host-timeline and/or "
+            "--host-speeds"
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         profile = Profile.load(args.profile)
@@ -387,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         target = profile if args.out is None else calibrated
         table = None if args.out is None else bias_table(profile, calibrated, steps)
         hosts = host_time_table(target, steps)
-        timelines = None if args.host_timeline is None else host_timelines(target, steps)
+        timelines = None
+        if args.host_timeline is not None or args.host_speeds is not None:
+            timelines = host_timelines(target, steps)
+        speeds = None if args.host_speeds is None else HostSpeeds.fit(list(timelines.values()))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -408,12 +425,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"{high:.3g}): the fitted host time is a blend of them. Calibrate with runs of "
                 "one host speed and simulate the others with executor.sim_host_time_scale."
             )
-    if timelines is not None:
+    if speeds is not None:
+        measured = {
+            "profile": args.profile if args.out is None else args.out,
+            "runs": list(timelines),
+            "slow_threshold": SLOW_THRESHOLD,
+        }
+        speeds.save(args.host_speeds, measured)
+        print(
+            f"\nthe runs' host, two speeds against {which} host model: fast "
+            f"{speeds.fast_scale:.3g}x for {speeds.mean_fast_s:.3g} s on average, slow "
+            f"{speeds.slow_scale:.3g}x for {speeds.mean_slow_s:.3g} s (slow "
+            f"{speeds.slow_share:.0%} of the time, {speeds.mean_scale:.3g}x on average); wrote "
+            f"{args.host_speeds} (executor.sim_host_speeds=FILE simulates on it)"
+        )
+    if timelines is not None and args.host_timeline is not None:
         written = write_host_timelines(timelines, Path(args.host_timeline))
         print(
             f"\neach run's host over time against {which} host model, a scale each "
             f"{TIMELINE_BIN_SECONDS:g} s (executor.sim_host_timeline=FILE replays it; "
-            f"slow_share: the share of them over {SLOW_HOST:g}):"
+            f"slow_share: the share of them over {SLOW_THRESHOLD:g}):"
         )
         print(written.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if table is not None:

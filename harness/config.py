@@ -78,6 +78,10 @@ class ExecutorConfig:
     # host_time_scale, as python -m harness.calibrate --host-timeline writes it), scaling each
     # step's host time by the second it starts in, on top of sim_host_time_scale.
     sim_host_timeline: str | None = None
+    # engine=sim with overlap: a host that switches between two speeds (a JSON file of
+    # engine.sim.HostSpeeds, as python -m harness.calibrate --host-speeds writes it), drawn
+    # with the run's seed: the runs of a sweep share one host. Not with sim_host_timeline.
+    sim_host_speeds: str | None = None
     # engine=sim with overlap: the simulated device's time over the profiled one's (a GPU 2%
     # slower: 1.02; python -m harness.calibrate prints a real run's).
     sim_device_time_scale: float = 1.0

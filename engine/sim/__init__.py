@@ -7,6 +7,7 @@ profile.py     Profile: measured step times of the real engine for one (device, 
 profiler.py    python -m engine.sim.profiler: runs the real engine over a grid, writes a profile
 engine.py      SimModelEngine, SimDecoder
 host_timeline.py  HostTimeline: a real run's host speed over time, replayed
+host_speeds.py   HostSpeeds, TwoSpeedHost: a simulated host that switches between two speeds
 fast_forward.py  runs of identical decode steps advanced in one go
 """
 
@@ -18,6 +19,7 @@ from engine.sim.cost_model import (
     StepFeatures,
 )
 from engine.sim.engine import PLACEHOLDER_TOKEN, SimDecoder, SimModelEngine
+from engine.sim.host_speeds import HostSpeeds, TwoSpeedHost
 from engine.sim.host_timeline import HostTimeline
 from engine.sim.profile import Profile, available_profiles, default_profile_path
 
@@ -25,6 +27,7 @@ __all__ = [
     "PLACEHOLDER_TOKEN",
     "CostModel",
     "HostDeviceCostModel",
+    "HostSpeeds",
     "HostTimeline",
     "LinearCostModel",
     "Profile",
@@ -32,6 +35,7 @@ __all__ = [
     "SimDecoder",
     "SimModelEngine",
     "StepFeatures",
+    "TwoSpeedHost",
     "available_profiles",
     "default_profile_path",
 ]

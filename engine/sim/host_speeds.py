@@ -21,11 +21,14 @@ step's host time on top of ``sim_host_time_scale``, as a timeline's does.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 from engine.sim.host_timeline import HostTimeline
 
@@ -62,7 +65,7 @@ class HostSpeeds:
 
     @classmethod
     def of_dict(cls, values: dict, source: str = "host speeds") -> HostSpeeds:
-        names = {"fast_scale", "slow_scale", "mean_fast_s", "mean_slow_s"}
+        names = {f.name for f in fields(cls)}
         missing, unknown = names - set(values), set(values) - names
         if missing or unknown:
             raise ValueError(
@@ -73,6 +76,25 @@ class HostSpeeds:
             return cls(**{name: float(values[name]) for name in names})
         except (TypeError, ValueError) as error:
             raise ValueError(f"{source}: {error}") from None
+
+    def save(self, path: str | Path, measured: dict[str, Any] | None = None) -> None:
+        """A JSON file of the four numbers, and under ``measured`` where they came from."""
+        data: dict[str, Any] = asdict(self)
+        if measured is not None:
+            data["measured"] = measured
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> HostSpeeds:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: host speeds are a JSON object, got {type(data).__name__}")
+        data.pop("measured", None)
+        return cls.of_dict(data, str(path))
 
     @classmethod
     def fit(
@@ -142,4 +164,3 @@ def _bin_width(timeline: HostTimeline) -> float:
     if len(timeline.times) > 1:
         return timeline.times[1] - timeline.times[0]
     return 1.0
-
