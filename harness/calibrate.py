@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if speeds is not None:
         measured = {
+            "command": " ".join(["python -m harness.calibrate", *(argv or sys.argv[1:])]),
             "profile": args.profile if args.out is None else args.out,
             "runs": list(timelines),
             "slow_threshold": SLOW_THRESHOLD,

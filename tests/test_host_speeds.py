@@ -200,7 +200,7 @@ def test_the_harness_draws_the_host_with_the_runs_seed(tmp_path: Path):
 
 
 def test_cli_fits_the_speeds_to_the_runs_timelines(tmp_path: Path, capsys):
-    """A CPU run spread over 10 s, its host at the profile's speed for 5 s and twice as slow
+    """A CPU run spread over 10 s, its host at the profile's speed for 5 s and 4x as slow
     after: the file holds the fit to its timeline (the one ``--host-timeline`` writes) and
     names the run. A host that never slows down cannot be fitted: a clear error."""
     from harness.calibrate import host_timelines, main, serving_steps
@@ -222,7 +222,8 @@ def test_cli_fits_the_speeds_to_the_runs_timelines(tmp_path: Path, capsys):
         return timeline
 
     median = float(pd.Series(timeline_of(iterations).scales).median())
-    slower = (iterations.time >= 5.0).map({True: 2.0, False: 1.0})
+    # 4x: a CPU run has a few steps with prompt tokens a second, their ratios noisy (0.7-1.5)
+    slower = (iterations.time >= 5.0).map({True: 4.0, False: 1.0})
     timeline = timeline_of(iterations.assign(host_time=iterations.host_time / median * slower))
     out = tmp_path / "speeds.json"
     args = [str(run), "--profile", str(tmp_path / "p.json"), "--host-speeds", str(out)]
@@ -231,8 +232,26 @@ def test_cli_fits_the_speeds_to_the_runs_timelines(tmp_path: Path, capsys):
     speeds = HostSpeeds.load(out)
     assert speeds == HostSpeeds.fit([timeline])
     assert speeds.slow_scale > 1.3 >= speeds.fast_scale  # (a few steps a second: noisy)
-    assert json.loads(out.read_text())["measured"]["runs"] == [str(run)]
+    measured = json.loads(out.read_text())["measured"]
+    assert measured["runs"] == [str(run)]
+    assert measured["command"] == "python -m harness.calibrate " + " ".join(args)
 
-    timeline_of(iterations.assign(host_time=iterations.host_time / median / 2))
+    timeline_of(iterations.assign(host_time=iterations.host_time / median / 4))
     assert main(args) == 2
     assert "need fast and slow seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["llama-1b", "llama-8b"])
+def test_the_committed_host_speeds_name_their_profile_and_two_speeds(model):
+    """engine/sim/profiles/h200/<model>.overlap.host_speeds.json: fitted against the committed
+    overlap profile of that model, a fast speed under the slow threshold and a slow one over."""
+    from engine.sim.host_speeds import SLOW_THRESHOLD
+    from engine.sim.profile import default_profile_path
+
+    profile = default_profile_path(model, "h200", True)
+    path = profile.with_name(f"{model}.overlap.host_speeds.json")
+    speeds = HostSpeeds.load(path)
+    assert speeds.fast_scale <= SLOW_THRESHOLD < speeds.slow_scale
+    measured = json.loads(path.read_text())["measured"]
+    assert Path(measured["profile"]) == profile.relative_to(Path(__file__).parents[1])
+    assert f"--host-speeds {path.relative_to(Path(__file__).parents[1])}" in measured["command"]
