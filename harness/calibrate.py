@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.sim.cost_model import ERRORS, HostDeviceCostModel, StepFeatures
+from engine.sim.cost_model import ERRORS, STEP_KINDS, HostDeviceCostModel, StepFeatures
 from engine.sim.host_speeds import SLOW_THRESHOLD, HostSpeeds
 from engine.sim.host_timeline import HostTimeline
 from engine.sim.padding import StepPadding
@@ -195,13 +195,22 @@ def sample_steps(steps: pd.DataFrame, max_steps: int) -> pd.DataFrame:
 
 
 def calibrate(
-    profile: Profile, runs: list[RunResult], max_steps: int = 1000, fit_error: str | None = None
+    profile: Profile,
+    runs: list[RunResult],
+    max_steps: int = 1000,
+    fit_error: str | None = None,
+    kinds: tuple[str, ...] = STEP_KINDS,
 ) -> tuple[Profile, pd.DataFrame]:
     """``profile`` with the serving steps of ``runs`` (see the module doc), and every one of
     those steps (``serving_steps``, all runs). ``fit_error``: what its fit minimises
-    (``Profile.fit_error``; None keeps the profile's)."""
+    (``Profile.fit_error``; None keeps the profile's). ``kinds``: the kinds of step added (the
+    others' fits stay as they were), e.g. ``("decode",)`` for a workload whose decode steps the
+    profile has not seen (small batches of long sequences) on a host that would skew the mixed
+    fit's host time."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if not kinds or set(kinds) - set(STEP_KINDS):
+        raise ValueError(f"kinds must be some of {STEP_KINDS}, got {kinds}")
     if fit_error is not None:
         profile = replace(profile, fit_error=fit_error)
     tables = []
@@ -220,10 +229,12 @@ def calibrate(
             raise ValueError(f"{run.path}: no step ran a batch")
         rows = [
             {k: v for k, v in row.items() if v == v}  # NaN (no device_time): not recorded
-            for row in sample_steps(steps, max_steps)
+            for row in sample_steps(steps[steps.kind.isin(kinds)], max_steps)
             .drop(columns=["kind", "time"])
             .to_dict("records")
         ]
+        if not rows:
+            raise ValueError(f"{run.path}: no step of the kinds {kinds}")
         source = {
             "run": str(run.path),
             "variant": run.info.get("variant"),
@@ -232,6 +243,7 @@ def calibrate(
             "num_steps": len(steps),
             "num_used": len(rows),
             "overlap_scheduler": is_overlap_run(run),
+            "kinds": list(kinds),
         }
         profile = profile.with_serving_steps(rows, source)
         tables.append(steps.assign(run=str(run.path)))  # the run: not a column of its rows
@@ -372,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         "time, the total a queue sees); default: the profile's (relative)",
     )
     parser.add_argument(
+        "--kinds",
+        default=None,
+        metavar="KIND,...",
+        help=f"add only these kinds of step ({','.join(STEP_KINDS)}; default: all); the "
+        "others' fits stay as they were",
+    )
+    parser.add_argument(
         "--host-timeline",
         metavar="DIR",
         default=None,
@@ -396,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = Profile.load(args.profile)
         runs = [run for path in args.real for run in runs_under(path)]  # each read once
-        calibrated, steps = calibrate(profile, runs, args.max_steps, args.fit_error)
+        kinds = tuple(args.kinds.split(",")) if args.kinds else STEP_KINDS
+        calibrated, steps = calibrate(profile, runs, args.max_steps, args.fit_error, kinds)
         # Host scales are against the profile a simulation will use: the calibrated one.
         target = profile if args.out is None else calibrated
         table = None if args.out is None else bias_table(profile, calibrated, steps)

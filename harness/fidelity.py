@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from engine.sim.cost_model import STEP_KINDS
+
 if TYPE_CHECKING:
     from harness.results import RunResult
 
@@ -231,9 +233,6 @@ def effects(
                 }
             )
     return pd.DataFrame(rows)
-
-
-STEP_KINDS = ("decode", "prefill", "mixed")
 
 
 def ok_runs(reals: list[Path]) -> Iterator[RunResult]:

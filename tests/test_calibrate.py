@@ -215,6 +215,15 @@ def test_cli_calibrates_with_a_real_run_and_refuses_the_wrong_runs(tmp_path: Pat
     kept = Counter(f.kind for f, _ in Profile.load(out).samples()[len(profile.steps) :])
     assert kept["decode"] == 10 and all(n <= 10 for n in kept.values())
     capsys.readouterr()
+    # --kinds decode: the decode steps alone are added, and the source says so
+    assert main([*args, "--kinds", "decode"]) == 0
+    calibrated = Profile.load(out)
+    added = Counter(f.kind for f, _ in calibrated.samples()[len(profile.steps) :])
+    assert set(added) == {"decode"}
+    assert added["decode"] == sum(r["num_context_tokens"] == 0 for r in serving)
+    assert calibrated.calibration[0]["kinds"] == ["decode"]
+    assert main([*args, "--kinds", "decode,prompt"]) == 2
+    assert "kinds must be some of ('decode', 'prefill', 'mixed')" in capsys.readouterr().err
 
     dataclasses.replace(profile, device="NVIDIA H200").save(tmp_path / "h200.json")
     assert main([str(run), "--profile", str(tmp_path / "h200.json"), "--out", str(out)]) == 2
