@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import sys
 import time
@@ -79,6 +80,15 @@ def release_freed_memory() -> None:
         # AttributeError: a C library without malloc_trim (musl)
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).malloc_trim(0)
+
+
+def release_gpu_cache() -> None:
+    """Give the CUDA memory torch's allocator keeps cached back to the device, where CUDA was
+    used: the next run's pool is sized from the device's free memory."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def build_parts(cfg: DictConfig) -> dict[str, Any]:
@@ -221,9 +231,16 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
         "workload_metadata": {k: str(v) for k, v in workload.metadata.items()},
     }
     # From here on only the frames are needed. The engine, its requests and the workload hold
-    # ~0.3 GB on the whole Azure trace (prompts, token times, KV tables): free them (no cycles
-    # hold them) before the iteration frame, the summary and the parquet writers add theirs.
+    # ~0.3 GB on the whole Azure trace (prompts, token times, KV tables): free them before the
+    # iteration frame, the summary and the parquet writers add theirs. On a GPU the next run of
+    # a sweep sizes its KV pool from the memory left free: the pool and the CUDA graphs go first,
+    # and a collection frees what a reference cycle still holds (a sweep's later runs got a
+    # tenth of the pool otherwise: docs/performance.md, "Other experiments").
+    if not is_sim:
+        llm.release_gpu_memory()
     del llm, parts, requests, workload
+    gc.collect()
+    release_gpu_cache()
     release_freed_memory()
     iterations_df = iterations_frame(iteration_log)
     del iteration_log  # the frame holds what it needs; the log's narrow int columns can go

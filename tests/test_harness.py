@@ -385,3 +385,45 @@ def test_overlap_scheduling_is_the_default(tmp_path: Path):
     harness(out, *SHRINK, "progress=false")
     run = load(only_dir(out / "default"))
     assert run.config["executor"]["overlap_scheduler"] is True
+
+
+def test_a_run_frees_its_engine_even_where_a_cycle_holds_it(tmp_path: Path, monkeypatch):
+    """A sweep's next run on a GPU sizes its KV pool from the free memory: the last run's
+    engine must be gone by then. Here a reference cycle holds the engine (as CUDA graph runners
+    can) and automatic collection is off: the run still leaves no engine alive, and gives back
+    a real engine's GPU memory first."""
+    import gc
+    import weakref
+
+    from engine.llm import LLM
+    from harness.app import execute
+
+    alive, released = [], []
+    init = LLM.__init__
+
+    def held_by_a_cycle(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.myself = self  # the cycle
+        alive.append(weakref.ref(self))
+
+    monkeypatch.setattr(LLM, "__init__", held_by_a_cycle)
+    monkeypatch.setattr(LLM, "release_gpu_memory", lambda self: released.append(self.engine))
+    with initialize_config_module(config_module="harness.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "model=llama-tiny",
+                "executor.device=cpu",
+                "workload.num_requests=4",
+                "progress=false",
+                "plots=false",
+            ],
+        )
+    info = {"name": "t", "overrides": [], "variant": "default", "status": "running"}
+    gc.disable()
+    try:
+        execute(cfg, tmp_path, info)
+        assert len(alive) == 1 and alive[0]() is None
+    finally:
+        gc.enable()
+    assert released == ["torch"]
