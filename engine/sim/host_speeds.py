@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.sim.host_timeline import HostTimeline
+from engine.sim.profile import read_json_object
 
 # A second whose host took over this many times the profile's host fit was a slow second. The
 # two speeds sit near 1.0-1.1 and 1.45-1.9 (docs/performance.md, "A host of two speeds").
@@ -87,12 +88,7 @@ class HostSpeeds:
     @classmethod
     def load(cls, path: str | Path) -> HostSpeeds:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not JSON ({error})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: host speeds are a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, "a host speeds file")
         data.pop("measured", None)
         return cls.of_dict(data, str(path))
 

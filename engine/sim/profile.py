@@ -196,12 +196,7 @@ class Profile:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such profile file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from error
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a profile is a JSON object")
+        data = read_json_object(path, "a profile")
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT_VERSION}")
         for key in ("model", "device", "dtype", "steps"):
@@ -232,3 +227,14 @@ def default_profile_path(model: str, device: str, overlap: bool = False) -> Path
 
 def available_profiles() -> list[str]:
     return sorted(f"{p.parent.name}/{p.stem}" for p in PROFILE_DIR.glob("*/*.json"))
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a ``ValueError`` naming the file if it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} is a JSON object, not {type(data).__name__}")
+    return data
