@@ -226,7 +226,13 @@ def default_profile_path(model: str, device: str, overlap: bool = False) -> Path
 
 
 def available_profiles() -> list[str]:
-    return sorted(f"{p.parent.name}/{p.stem}" for p in PROFILE_DIR.glob("*/*.json"))
+    """The committed profiles, as ``<device>/<name>`` (not the host speeds beside them)."""
+    paths = PROFILE_DIR.glob("*/*.json")
+    return sorted(f"{p.parent.name}/{p.stem}" for p in paths if not p.name.endswith(HOST_SPEEDS))
+
+
+# engine.sim.host_speeds's files beside a profile: <profile stem>.host_speeds.json
+HOST_SPEEDS = ".host_speeds.json"
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
