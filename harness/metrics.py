@@ -211,6 +211,7 @@ def _iteration_summary(iterations: pd.DataFrame) -> dict:
             "mean_queued_requests": _NAN,
             "max_queued_requests": _NAN,
             "mean_batch_size": _NAN,
+            "num_kv_blocks": _NAN,
         }
     # A step holds its state for its whole latency, so a time-weighted mean is the mean a
     # sampler of wall time would see (a long prefill step counts for more than a short decode).
@@ -232,6 +233,8 @@ def _iteration_summary(iterations: pd.DataFrame) -> dict:
         "max_queued_requests": int(queued.max()),
         # Per-step quantity: averaged over steps, not time.
         "mean_batch_size": float(batch.mean()),
+        # The pool the run had (vLLM's num_gpu_blocks): on a GPU sized from the free memory.
+        "num_kv_blocks": int(iterations["kv_max_blocks"].max()),
     }
 
 
@@ -254,7 +257,7 @@ def summarize(
     num_iterations, mean_kv_utilization (time-weighted by step_latency; a plain mean if step
     latencies are missing or all zero), peak_kv_utilization, cache_hit_rate (final, cumulative),
     mean_queued_requests (time-weighted like KV) and max_queued_requests, mean_batch_size
-    (context + generation requests a step, averaged over steps).
+    (context + generation requests a step, averaged over steps), num_kv_blocks (the KV pool).
 
     Never raises on empty or all-rejected input: counts are 0, undefined metrics NaN.
     """

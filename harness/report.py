@@ -68,7 +68,35 @@ def print_sweep(sweep, sweep_dir: Path) -> None:
     num_failed = sum(1 for r in frame.to_dict("records") if r.get("status") != "ok")
     if num_failed:
         print(f"{num_failed} of {len(frame)} runs failed; see run.json in their directories")
+    for warning in pool_warnings(frame, sweep.override_keys):
+        print(f"warning: {warning}")
     print(f"sweep results: {sweep_dir} (summary.csv, comparison plots)")
+
+
+# A run whose KV pool is under this share of the sweep's largest, where nothing swept sets the
+# pool, started on a device whose memory something else held.
+SMALL_POOL = 0.5
+POOL_KEYS = ("kv_cache_manager", "model", "executor")  # overrides that may size the pool
+
+
+def pool_warnings(summary, override_keys: list[str]) -> list[str]:
+    """Runs of a sweep whose KV pool (``num_kv_blocks``) is under ``SMALL_POOL`` of the
+    sweep's largest where no swept override sizes it: on a GPU the pool is sized from the
+    free memory, so such a run started while memory was held elsewhere (another process, or
+    an engine of an earlier run not freed), and its comparison with the others is unfair."""
+    if "num_kv_blocks" not in summary or any(k.startswith(POOL_KEYS) for k in override_keys):
+        return []
+    pools = summary["num_kv_blocks"].astype(float)
+    largest = pools.max()
+    if not largest > 0:
+        return []
+    small = summary[pools < SMALL_POOL * largest]
+    return [
+        f"run {row['run']} had a KV pool of {int(row['num_kv_blocks']):,} blocks, "
+        f"{row['num_kv_blocks'] / largest:.0%} of the sweep's largest ({int(largest):,}): GPU "
+        "memory was held elsewhere when it started, and it is not comparable with the others"
+        for row in small.to_dict("records")
+    ]
 
 
 class Progress:

@@ -427,3 +427,16 @@ def test_a_run_frees_its_engine_even_where_a_cycle_holds_it(tmp_path: Path, monk
     finally:
         gc.enable()
     assert released == ["torch"]
+
+
+def test_a_sweep_names_a_run_whose_pool_was_cut_short():
+    """A sweep's run with an eighth of the others' KV pool, where nothing swept sizes the pool
+    (a GPU whose memory an earlier run still held): named, with its share. Where the sweep
+    varies the pool's settings, or every pool is alike, nothing is said."""
+    from harness.report import pool_warnings
+
+    summary = pd.DataFrame({"run": ["0", "1", "2"], "num_kv_blocks": [28449, 3445, 28000]})
+    (warning,) = pool_warnings(summary, ["microbatch_scheduler"])
+    assert warning.startswith("run 1 had a KV pool of 3,445 blocks, 12% of the sweep's largest")
+    assert pool_warnings(summary, ["kv_cache_manager.max_tokens"]) == []
+    assert pool_warnings(summary.assign(num_kv_blocks=28449), ["microbatch_scheduler"]) == []

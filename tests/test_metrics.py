@@ -217,6 +217,7 @@ def test_iteration_summary(frames):
     assert s["mean_queued_requests"] == pytest.approx(3 * 0.1 + 1 * 0.3)
     assert s["max_queued_requests"] == 3
     assert s["mean_batch_size"] == pytest.approx((2 + 3 + 3) / 3)
+    assert s["num_kv_blocks"] == 8  # the pool the steps saw
 
 
 def test_iteration_summary_without_step_times_uses_plain_mean(frames):
@@ -231,7 +232,7 @@ def test_empty_input_does_not_crash():
     assert s["completed"] == 0 and s["num_rejected"] == 0 and s["num_iterations"] == 0
     assert s["total_output_tokens"] == 0
     for key in ("duration", "request_throughput", "mean_ttft_ms", "p99_itl_ms",
-                "mean_kv_utilization", "cache_hit_rate"):  # fmt: skip
+                "mean_kv_utilization", "cache_hit_rate", "num_kv_blocks"):  # fmt: skip
         assert math.isnan(s[key]), key
 
 
