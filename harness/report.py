@@ -21,6 +21,7 @@ COLUMNS = [
     ("p99_tpot_ms", "TPOT p99", "{:.1f}"),
     ("median_e2el_ms", "E2E p50", "{:.1f}"),
     ("num_preemptions", "preempt", "{:.0f}"),
+    ("num_kv_blocks", "KV blocks", "{:.0f}"),
     ("peak_kv_utilization", "KV peak", "{:.2f}"),
     ("cache_hit_rate", "hit rate", "{:.2f}"),
 ]
