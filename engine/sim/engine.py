@@ -31,8 +31,9 @@ max above charges only the longer of the two. ``SimDecoder`` returns the same pl
 for every request: outputs carry no content, and their lengths come from ``max_new_tokens`` (as
 with ``ignore_eos``), which is how workloads give them anyway.
 
-With a ``host_timeline`` (``engine.sim.host_timeline``: a real run's host speed over time) a
-step's host time is scaled by the timeline's scale at the second the step starts in, on top of
+With a ``host_timeline`` (``engine.sim.host_timeline``: a real run's host speed over time, or
+an ``engine.sim.host_speeds.TwoSpeedHost`` drawn from two measured speeds) a step's host time is
+scaled by the timeline's scale at the second the step starts in, on top of
 ``HostDeviceCostModel.host_time_scale``.
 
 A step's tokens are padded (``StepFeatures.num_padded_tokens``) to the graph buckets of the
@@ -49,6 +50,7 @@ from engine.model_engine import ModelEngine
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.sim.cost_model import CostModel, HostDeviceCostModel, StepFeatures
+from engine.sim.host_speeds import TwoSpeedHost
 from engine.sim.host_timeline import HostTimeline
 from engine.sim.padding import StepPadding
 from engine.stats import StepWork
@@ -69,7 +71,7 @@ class SimModelEngine(ModelEngine):
         max_seq_len: int,
         padding: StepPadding | None = None,
         pipeline: bool = False,
-        host_timeline: HostTimeline | None = None,
+        host_timeline: HostTimeline | TwoSpeedHost | None = None,
     ):
         if pipeline and not (
             isinstance(cost_model, HostDeviceCostModel) and cost_model.launch is not None
