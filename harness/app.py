@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,47 @@ def release_gpu_cache() -> None:
 
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def start_telemetry(cfg: DictConfig, llm, run_dir: Path):
+    """Start sampling the GPU's clocks and power for a real run on CUDA
+    (``executor.gpu_telemetry``; ``harness.telemetry``); None where off or not on CUDA. Without
+    nvidia-smi the run goes on, with a warning that it records none."""
+    from harness.telemetry import TELEMETRY_FILE, GpuTelemetry
+
+    if not cfg.executor.gpu_telemetry or llm.device.type != "cuda":
+        return None
+    telemetry = GpuTelemetry(run_dir / TELEMETRY_FILE, device=nvidia_smi_id(llm.device))
+    try:
+        telemetry.start()
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning(
+            "executor.gpu_telemetry: %s; this run records no GPU clock or power "
+            "(executor.gpu_telemetry=false turns sampling off)",
+            error,
+        )
+        return None
+    return telemetry
+
+
+def nvidia_smi_id(device) -> str:
+    """The GPU ``device`` (a torch CUDA device) as nvidia-smi names it: its UUID, which holds
+    under CUDA_VISIBLE_DEVICES (where torch's index need not be nvidia-smi's)."""
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return f"GPU-{uuid}" if uuid is not None else str(device.index or 0)
+
+
+def with_telemetry(iterations, path: Path, epoch_origin: float) -> tuple[Any, dict[str, float]]:
+    """``iterations`` with each step's SM clock and power (``harness.telemetry.at_steps``), and
+    the run's GPU summary keys (``telemetry_summary``, over its steps' span)."""
+    from harness.telemetry import at_steps, read_samples, telemetry_summary
+
+    samples = read_samples(path)
+    end = float((iterations["time"] + iterations["step_latency"]).max()) if len(iterations) else 0
+    gpu = telemetry_summary(samples, epoch_origin, epoch_origin + end)
+    return iterations.join(at_steps(samples, iterations, epoch_origin)), gpu
 
 
 def build_parts(cfg: DictConfig) -> dict[str, Any]:
@@ -212,8 +254,15 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
         llm.device,
         llm.dtype,
     )
-    with Progress(len(workload), enabled=cfg.progress, label=info["variant"]) as progress:
-        requests = replay(llm, workload, on_progress=progress.update)
+    telemetry = None if is_sim else start_telemetry(cfg, llm, run_dir)
+    # The epoch second the run's clock reads 0 at: where the GPU's samples meet its steps.
+    epoch_origin = time.time() - llm.executor.clock.now()
+    try:
+        with Progress(len(workload), enabled=cfg.progress, label=info["variant"]) as progress:
+            requests = replay(llm, workload, on_progress=progress.update)
+    finally:
+        if telemetry is not None:
+            telemetry.stop()
 
     requests_df = requests_frame(requests)
     iteration_log = llm.executor.iteration_stats
@@ -246,6 +295,11 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
     del iteration_log  # the frame holds what it needs; the log's narrow int columns can go
     slo = OmegaConf.to_container(cfg.slo, resolve=True)
     summary = summarize(requests_df, iterations_df, slo=slo)
+    if telemetry is not None:
+        iterations_df, gpu = with_telemetry(iterations_df, telemetry.path, epoch_origin)
+        if not gpu:
+            log.warning("%s: no GPU sample within the run's steps", telemetry.path)
+        summary |= gpu
     info["wall_time_s"] = round(time.perf_counter() - started, 3)
     release_freed_memory()  # the summary's temporaries (copies of the pooled ITLs)
     write_run(

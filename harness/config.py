@@ -88,6 +88,10 @@ class ExecutorConfig:
     # engine=sim with overlap: the host as a second stage beside the device, its time on the
     # clock (engine.sim.engine), not the longer of the two a step; runs ~3.3x slower.
     sim_host_pipeline: bool = False
+    # Real CUDA runs: sample the GPU's SM clock, power and temperature with nvidia-smi every
+    # 100 ms (gpu_telemetry.csv; each step's clock and power in iterations.parquet, the run's
+    # medians in the summary): a GPU at its power cap runs the same step slower.
+    gpu_telemetry: bool = True
 
 
 @dataclass

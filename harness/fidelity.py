@@ -235,6 +235,9 @@ def effects(
     return pd.DataFrame(rows)
 
 
+GPU_COLUMNS = {"gpu_sm_clock_mhz_p50": "sm_clock_mhz", "gpu_power_w_p50": "power_w"}
+
+
 def ok_runs(reals: list[Path]) -> Iterator[RunResult]:
     """The successful runs with steps under the run or sweep directories ``reals``."""
     from harness.calibrate import runs_under
@@ -285,15 +288,27 @@ def step_predictions(reals: list[Path], profile_path: Path) -> pd.DataFrame:
 def host_time_scales(reals: list[Path], profile_path: Path) -> pd.DataFrame | None:
     """Per real run under ``reals``: its host time over the profile's host model
     (``harness.calibrate.host_time_table``: the ``executor.sim_host_time_scale`` that simulates
-    its host). None where the profile does not fit the host apart."""
+    its host), with the median SM clock and power of the runs that sampled them. None where the
+    profile does not fit the host apart."""
     from engine.sim.profile import Profile
     from harness.calibrate import host_time_table, serving_steps
 
     profile = Profile.load(profile_path)
     if not profile.has_host_device_split:
         return None
-    tables = [serving_steps(run, profile.model).assign(run=str(run.path)) for run in ok_runs(reals)]
-    return host_time_table(profile, pd.concat(tables, ignore_index=True)) if tables else None
+    runs = list(ok_runs(reals))
+    tables = [serving_steps(run, profile.model).assign(run=str(run.path)) for run in runs]
+    table = host_time_table(profile, pd.concat(tables, ignore_index=True)) if tables else None
+    if table is None:
+        return None
+    # The GPU's clock and power where the runs sampled them (executor.gpu_telemetry): a GPU at
+    # its power cap is what moves device_time_scale from one workload to another.
+    summaries = {str(run.path): run.summary for run in runs}
+    for key, column in GPU_COLUMNS.items():
+        values = [summaries.get(r, {}).get(key) for r in table.run]
+        if any(v is not None for v in values):
+            table[column] = pd.array([None if v is None else round(v) for v in values], "Int64")
+    return table
 
 
 def simulated_host_scale(sim: Path) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -198,6 +199,15 @@ def test_the_profile_check_gives_each_real_runs_host_scale(tmp_path: Path, capsy
     assert "executor.sim_host_time_scale=1;" in printed
     off = abs(hosts.host_time_scale[0] - 1) > 0.1
     assert ("more than 10% off the simulated one" in printed) == off
+    assert "sm_clock_mhz" not in hosts  # a CPU run samples no GPU
+    # A run that sampled its GPU (executor.gpu_telemetry) shows its clock and power beside.
+    summary = json.loads((run / "summary.json").read_text())
+    gpu = {"gpu_sm_clock_mhz_p50": 1590.4, "gpu_power_w_p50": 689.6}
+    (run / "summary.json").write_text(json.dumps(summary | gpu))
+    assert main(args) == 0
+    hosts = pd.read_csv(report / "host_time.csv")
+    assert hosts.sm_clock_mhz.tolist() == [1590] and hosts.power_w.tolist() == [690]
+    assert "sm_clock_mhz" in capsys.readouterr().out
     # A profile without the split: no host table.
     synthetic_profile("llama-tiny").save(tmp_path / "plain.json")
     plain = tmp_path / "plain"
