@@ -216,18 +216,44 @@ def plot_batch_composition(iterations: pd.DataFrame, path: Path, title: str = ""
     return [_save(fig, Path(path))]
 
 
+def plot_gpu_clock(iterations: pd.DataFrame, path: Path, title: str = "") -> list[Path]:
+    """The GPU's SM clock and power at each step (``executor.gpu_telemetry``), over time: a
+    GPU at its power cap lowers its clock, and the same step takes longer."""
+    fig, axes = _figure(2, 1, width=8.0, height=3.0, sharex=True)
+    top, bottom = axes[0][0], axes[1][0]
+    sampled = iterations.dropna(subset=["sm_clock_mhz"]) if len(iterations) else iterations
+    if len(sampled):
+        # Dots, not a step line: a dip lasts a step or two, and binning by peaks would hide it.
+        top.plot(sampled["time"], sampled["sm_clock_mhz"], ".", ms=2, color="tab:blue")
+        bottom.plot(sampled["time"], sampled["power_w"], ".", ms=2, color="tab:red")
+    else:
+        _no_data(top)
+        _no_data(bottom)
+    top.set_ylabel("SM clock (MHz)")
+    bottom.set_ylabel("power (W)")
+    bottom.set_xlabel("time since run start (s)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.suptitle(_title("GPU clock and power at each step", title))
+    return [_save(fig, Path(path))]
+
+
 def run_plots(
     requests: pd.DataFrame, iterations: pd.DataFrame, out_dir: Path, title: str = ""
 ) -> list[Path]:
     """Every run plot into ``out_dir``: latency_cdfs.png, kv_utilization.png,
-    request_counts.png, batch_composition.png."""
+    request_counts.png, batch_composition.png, and gpu_clock.png where the run sampled its
+    GPU (``executor.gpu_telemetry``)."""
     out = Path(out_dir)
-    return [
+    paths = [
         *plot_latency_cdfs(requests, out / "latency_cdfs.png", title),
         *plot_kv_utilization(iterations, out / "kv_utilization.png", title),
         *plot_request_counts(iterations, out / "request_counts.png", title),
         *plot_batch_composition(iterations, out / "batch_composition.png", title),
     ]
+    if "sm_clock_mhz" in iterations:
+        paths += plot_gpu_clock(iterations, out / "gpu_clock.png", title)
+    return paths
 
 
 def _title(what: str, run_title: str) -> str:

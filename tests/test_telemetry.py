@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from harness.config import register_configs, register_resolvers
+from harness.plots import run_plots
 from harness.telemetry import (
     GpuTelemetry,
     at_steps,
@@ -206,6 +207,9 @@ def test_a_run_keeps_its_samples_and_gives_its_steps_their_clock(tmp_path: Path,
     assert clocks.isin(samples.sm_clock_mhz).all()
     assert 600.5 <= summary["gpu_power_w_p50"] <= samples.power_w.max()
     assert 0 < summary["gpu_power_capped_share"] < 1
+    requests = pd.read_parquet(run_dir / "requests.parquet")
+    drawn = run_plots(requests, iterations, tmp_path / "plots")
+    assert tmp_path / "plots" / "gpu_clock.png" in drawn
 
     monkeypatch.undo()
     own = tmp_path / "own"
@@ -213,7 +217,10 @@ def test_a_run_keeps_its_samples_and_gives_its_steps_their_clock(tmp_path: Path,
     summary = app.execute(cfg, own, dict(INFO))
     assert not (own / "gpu_telemetry.csv").exists()
     assert not [k for k in summary if k.startswith("gpu_")]
-    assert "sm_clock_mhz" not in pd.read_parquet(own / "iterations.parquet")
+    iterations = pd.read_parquet(own / "iterations.parquet")
+    assert "sm_clock_mhz" not in iterations
+    drawn = run_plots(requests, iterations, tmp_path / "own_plots")
+    assert drawn and not (tmp_path / "own_plots" / "gpu_clock.png").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and nvidia-smi")
