@@ -146,7 +146,9 @@ class LLM:
     its CSV file) scales it further by the second each step starts in (a real run's host
     replayed), or ``sim_host_speeds`` (a ``engine.sim.HostSpeeds`` or its JSON file) by a host
     that switches between two speeds, drawn with ``seed`` (``engine.sim.host_speeds``); and
-    ``sim_device_time_scale`` scales the device's time. With
+    ``sim_device_time_scale`` scales the device's time, and ``sim_power`` (a
+    ``engine.sim.PowerCap`` or its JSON file) by how heavy its recent work was (the GPU's power
+    cap, ``engine.sim.power``). With
     ``overlap_scheduler`` the simulator runs the overlap loop on a virtual device, or with
     ``sim_fast_forward`` the plain loop with the admission overlap gives it
     (``PyExecutor(lagged_admission=True)``; the same request
@@ -182,6 +184,7 @@ class LLM:
         sim_host_timeline: Any = None,
         sim_host_speeds: Any = None,
         sim_device_time_scale: float = 1.0,
+        sim_power: Any = None,
         overlap_scheduler: bool = False,
     ):
         if engine not in ENGINES:
@@ -199,6 +202,10 @@ class LLM:
             )
         if engine != "sim" and sim_device_time_scale != 1.0:
             raise ValueError("sim_device_time_scale applies to engine='sim' only")
+        if engine != "sim" and sim_power is not None:
+            raise ValueError("sim_power applies to engine='sim' only")
+        if sim_host_pipeline and sim_power is not None:
+            raise ValueError("sim_host_pipeline does not simulate a power cap: no sim_power")
         if sim_host_pipeline and not (engine == "sim" and overlap_scheduler):
             raise ValueError(
                 "sim_host_pipeline applies to engine='sim' with overlap_scheduler=True (the "
@@ -236,6 +243,7 @@ class LLM:
                 sim_device_time_scale,
                 sim_host_speeds,
                 seed,
+                sim_power,
             )
             # The pipeline's clock moves inside a step: the plain loop cannot emulate it.
             sim_fast_forward = sim_fast_forward and not sim_host_pipeline
@@ -348,6 +356,7 @@ class LLM:
         device_time_scale: float = 1.0,
         host_speeds: Any = None,
         seed: int = 0,
+        power: Any = None,
     ) -> tuple[SimDecoder, VirtualClock]:
         """No weights, no tensors: the model's shape, a cost model and a virtual clock. Steps
         are padded to ``padding``'s graph buckets (this LLM's settings, as on a GPU) where the
@@ -355,13 +364,15 @@ class LLM:
         ``host_time_scale`` scales the host's part of each step (``HostDeviceCostModel``), and
         ``host_timeline`` (a ``HostTimeline`` or its CSV file) by the second the step starts in,
         or ``host_speeds`` (``HostSpeeds`` or its JSON file) by a two-speed host drawn with
-        ``seed``; ``device_time_scale`` its device's part."""
+        ``seed``; ``device_time_scale`` its device's part, and ``power`` (``PowerCap`` or its
+        JSON file) that part by the device's recent work."""
         from engine.models import load_tokenizer, model_limits, model_shape
         from engine.sim import (
             CostModel,
             HostDeviceCostModel,
             HostSpeeds,
             HostTimeline,
+            PowerCap,
             Profile,
             SimModelEngine,
         )
@@ -417,6 +428,16 @@ class LLM:
                 "a host timeline needs a HostDeviceCostModel (a profile with host and device "
                 f"times apart), not a {type(cost_model).__name__}"
             )
+        if isinstance(power, (str, os.PathLike)):
+            power = PowerCap.load(power)
+        if power is not None:
+            if not isinstance(power, PowerCap):
+                raise ValueError(f"sim_power must be a PowerCap or a file: {power!r}")
+            if not isinstance(cost_model, HostDeviceCostModel):
+                raise ValueError(
+                    "a power cap needs a HostDeviceCostModel (a profile with host and device "
+                    f"times apart), not a {type(cost_model).__name__}"
+                )
         self.profile = profile
         if profile is not None:
             self._warn_beyond_profile(profile)
@@ -452,6 +473,7 @@ class LLM:
             padding,
             pipeline=pipeline,
             host_timeline=host_timeline,
+            power=power,
         )
         return SimDecoder(clock), clock
 

@@ -92,6 +92,20 @@ def release_gpu_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def sim_power_path(cfg: DictConfig, profile: Path) -> str | None:
+    """The power cap a simulated run uses (``executor.sim_power``): ``auto`` is the file beside
+    its profile where there is one (not with the host pipeline, which does not simulate it)."""
+    from engine.sim.profile import power_path
+
+    value = cfg.executor.sim_power
+    if value != "auto":
+        return value
+    path = power_path(profile)
+    executor = cfg.executor
+    is_used = path.is_file() and executor.overlap_scheduler and not executor.sim_host_pipeline
+    return str(path) if is_used else None
+
+
 def start_telemetry(cfg: DictConfig, llm, run_dir: Path):
     """Start sampling the GPU's clocks and power for a real run on CUDA
     (``executor.gpu_telemetry``; ``harness.telemetry``); None where off or not on CUDA. Without
@@ -212,6 +226,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
     started = time.perf_counter()
     if is_sim:
         info["profile"] = str(sim_profile_path(cfg))
+        info["power"] = sim_power_path(cfg, Path(info["profile"]))
         llm = LLM(
             model_source(cfg),
             engine="sim",
@@ -223,6 +238,7 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             sim_host_timeline=cfg.executor.sim_host_timeline,
             sim_host_speeds=cfg.executor.sim_host_speeds,
             sim_device_time_scale=cfg.executor.sim_device_time_scale,
+            sim_power=info["power"],
             **graph_settings(cfg.executor),  # the buckets its steps are padded to
             **parts,
         )
@@ -240,6 +256,8 @@ def execute(cfg: DictConfig, run_dir: Path, info: dict[str, Any]) -> dict[str, A
             sim_host_timeline=cfg.executor.sim_host_timeline,  # an error unless null
             sim_host_speeds=cfg.executor.sim_host_speeds,  # an error unless null
             sim_device_time_scale=cfg.executor.sim_device_time_scale,  # an error unless 1
+            # an error unless null (auto: the simulator's default, nothing here)
+            sim_power=None if cfg.executor.sim_power == "auto" else cfg.executor.sim_power,
             **parts,
         )
     if cfg.executor.warmup and not is_sim:

@@ -3,6 +3,7 @@
     python -m harness.calibrate REAL [REAL ...] --profile P --out P2 [--max-steps 1000]
     python -m harness.calibrate REAL [REAL ...] --profile P --host-timeline DIR
     python -m harness.calibrate REAL [REAL ...] --profile P --host-speeds FILE
+    python -m harness.calibrate REAL [REAL ...] --profile P --power FILE
 
 REAL: run or sweep directories of the real engine (``harness.results.load``) on the GPU and model
 that ``P`` profiles. Every step of a run that ran a batch carries the counts the cost model reads
@@ -40,6 +41,11 @@ then separates the cost model's error from the host's. ``--host-speeds FILE`` fi
 speeds and how long each lasts to all the runs' timelines (``engine.sim.HostSpeeds``);
 ``executor.sim_host_speeds=FILE`` simulates any workload on such a host, drawn with the run's
 seed.
+
+The GPU's own speed moves too: at its power cap it lowers its clock, and the same step takes
+longer after heavy work than after light work (``engine.sim.power``). ``--power FILE`` fits
+that to the runs' device-bound steps (``engine.sim.PowerCap``); a simulation uses the file
+beside its profile, ``<profile>.power.json``, by default (``executor.sim_power``).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from engine.sim.cost_model import ERRORS, STEP_KINDS, HostDeviceCostModel, StepF
 from engine.sim.host_speeds import SLOW_THRESHOLD, HostSpeeds
 from engine.sim.host_timeline import HostTimeline
 from engine.sim.padding import StepPadding
+from engine.sim.power import PowerCap, RunSteps
 from engine.sim.profile import Profile
 from harness.config import graph_settings
 from harness.results import RunResult, load
@@ -322,6 +329,34 @@ def host_time_table(profile: Profile, steps: pd.DataFrame) -> pd.DataFrame | Non
     return pd.DataFrame(rows)
 
 
+def power_runs(profile: Profile, steps: pd.DataFrame) -> list[RunSteps]:
+    """Each run's steps (``calibrate``'s table) as ``PowerCap.fit`` takes them, against the
+    profile's device model: the runs with device times (on CUDA); [] where the profile has no
+    device model (no host and device split)."""
+    model = profile.cost_model()
+    if not isinstance(model, HostDeviceCostModel) or "device_time" not in steps:
+        return []
+    steps = steps.assign(device_predicted=[model.device.predict(f) for f in features(steps)])
+    runs = []
+    for _, group in steps.groupby("run", sort=False):
+        group = group.sort_values("time", kind="stable")
+        device = group.device_time.to_numpy(dtype=float)
+        timed = np.isfinite(device)
+        if not timed.any():  # off CUDA: no device time
+            continue
+        runs.append(
+            RunSteps(
+                start=group.time.to_numpy(dtype=float),
+                seconds=group.seconds.to_numpy(dtype=float),
+                rows=group.num_padded_tokens.to_numpy(dtype=float),
+                measured=np.where(timed, device, 0.0),
+                predicted=group.device_predicted.to_numpy(dtype=float),
+                is_fitted=timed & (group.host_time.to_numpy() < DEVICE_BOUND * device),
+            )
+        )
+    return runs
+
+
 def host_timelines(
     profile: Profile, steps: pd.DataFrame, bin_seconds: float = TIMELINE_BIN_SECONDS
 ) -> dict[str, HostTimeline]:
@@ -405,11 +440,19 @@ def main(argv: list[str] | None = None) -> int:
         help="fit a host of two speeds to the runs' timelines and write it to FILE (JSON); "
         "executor.sim_host_speeds=FILE simulates on such a host",
     )
+    parser.add_argument(
+        "--power",
+        metavar="FILE",
+        default=None,
+        help="fit the GPU's power cap (its device time after heavy work, engine.sim.PowerCap) "
+        "to the runs' steps and write it to FILE (JSON); a simulation uses "
+        "<profile>.power.json by default, or executor.sim_power=FILE",
+    )
     args = parser.parse_args(argv)
-    if args.out is None and args.host_timeline is None and args.host_speeds is None:
+    if all(getattr(args, a) is None for a in ("out", "host_timeline", "host_speeds", "power")):
         parser.error(
-            "nothing to write: give --out (a calibrated profile), --host-timeline and/or "
-            "--host-speeds"
+            "nothing to write: give --out (a calibrated profile), --host-timeline, "
+            "--host-speeds and/or --power"
         )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -425,6 +468,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.host_timeline is not None or args.host_speeds is not None:
             timelines = host_timelines(target, steps)
         speeds = None if args.host_speeds is None else HostSpeeds.fit(list(timelines.values()))
+        power = power_steps = None
+        if args.power is not None:
+            power_steps = power_runs(target, steps)
+            if not power_steps:
+                raise ValueError(
+                    "--power needs overlap runs on a GPU (device times) and a profile with "
+                    "host and device times apart"
+                )
+            power = PowerCap.fit(power_steps)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -459,6 +511,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{speeds.slow_scale:.3g}x for {speeds.mean_slow_s:.3g} s (slow "
             f"{speeds.slow_share:.0%} of the time, {speeds.mean_scale:.3g}x on average); wrote "
             f"{args.host_speeds} (executor.sim_host_speeds=FILE simulates on it)"
+        )
+    if power is not None:
+        explained = power.explained(power_steps)
+        measured = {
+            "command": " ".join(["python -m harness.calibrate", *(argv or sys.argv[1:])]),
+            "profile": args.profile if args.out is None else args.out,
+            "runs": [str(run.path) for run in runs],
+            "explained": round(explained, 4),
+        }
+        power.save(args.power, measured)
+        print(
+            f"\nthe GPU's power cap against {which} device model: its device time x "
+            f"{power.base:.4g} + {power.slope:.3g} per row/s over {power.threshold:.4g} rows/s, "
+            f"the rows/s averaged over {power.tau_s:g} s; it explains {explained:.1%} of the "
+            f"steps' spread about the fit; wrote {args.power} (a simulation with that profile "
+            "uses <profile>.power.json, or executor.sim_power=FILE)"
         )
     if timelines is not None and args.host_timeline is not None:
         written = write_host_timelines(timelines, Path(args.host_timeline))

@@ -85,6 +85,11 @@ class ExecutorConfig:
     # engine=sim with overlap: the simulated device's time over the profiled one's (a GPU 2%
     # slower: 1.02; python -m harness.calibrate prints a real run's).
     sim_device_time_scale: float = 1.0
+    # engine=sim with overlap: the GPU's power cap (engine.sim.PowerCap: its device time after
+    # heavy work). auto: the file beside the profile (<profile>.power.json, as python -m
+    # harness.calibrate --power writes it) where there is one, and not with sim_host_pipeline;
+    # null: none; or a file.
+    sim_power: str | None = "auto"
     # engine=sim with overlap: the host as a second stage beside the device, its time on the
     # clock (engine.sim.engine), not the longer of the two a step; runs ~3.3x slower.
     sim_host_pipeline: bool = False

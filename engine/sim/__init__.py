@@ -8,6 +8,7 @@ profiler.py    python -m engine.sim.profiler: runs the real engine over a grid, 
 engine.py      SimModelEngine, SimDecoder
 host_timeline.py  HostTimeline: a real run's host speed over time, replayed
 host_speeds.py   HostSpeeds, TwoSpeedHost: a simulated host that switches between two speeds
+power.py       PowerCap: a device that slows down while its recent work has been heavy
 fast_forward.py  runs of identical decode steps advanced in one go
 """
 
@@ -21,6 +22,7 @@ from engine.sim.cost_model import (
 from engine.sim.engine import PLACEHOLDER_TOKEN, SimDecoder, SimModelEngine
 from engine.sim.host_speeds import HostSpeeds, TwoSpeedHost
 from engine.sim.host_timeline import HostTimeline
+from engine.sim.power import PowerCap
 from engine.sim.profile import Profile, available_profiles, default_profile_path
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "HostSpeeds",
     "HostTimeline",
     "LinearCostModel",
+    "PowerCap",
     "Profile",
     "RooflineCostModel",
     "SimDecoder",

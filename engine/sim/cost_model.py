@@ -200,11 +200,14 @@ class HostDeviceCostModel(CostModel):
         host = self.host_time_scale * self.host.predict(features)
         return max(host, self.device_time_scale * self.device.predict(features))
 
-    def predict_on_host(self, features: StepFeatures, host_speed: float) -> float:
+    def predict_on_host(
+        self, features: StepFeatures, host_speed: float, device_speed: float = 1.0
+    ) -> float:
         """``predict`` with the host's time scaled by ``host_speed`` as well (the scale of the
-        second the step starts in: ``engine.sim.host_timeline``)."""
+        second the step starts in: ``engine.sim.host_timeline``), and the device's by
+        ``device_speed`` (the power cap's: ``engine.sim.power``)."""
         host = self.host_time_scale * host_speed * self.host.predict(features)
-        return max(host, self.device_time_scale * self.device.predict(features))
+        return max(host, self.device_time_scale * device_speed * self.device.predict(features))
 
     def phases(self, features: StepFeatures, host_speed: float = 1.0) -> StepPhases:
         """The step's host, launch and device times, the host's scaled by

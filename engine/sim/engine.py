@@ -34,7 +34,8 @@ with ``ignore_eos``), which is how workloads give them anyway.
 With a ``host_timeline`` (``engine.sim.host_timeline``: a real run's host speed over time, or
 an ``engine.sim.host_speeds.TwoSpeedHost`` drawn from two measured speeds) a step's host time is
 scaled by the timeline's scale at the second the step starts in, on top of
-``HostDeviceCostModel.host_time_scale``.
+``HostDeviceCostModel.host_time_scale``. With a ``power`` cap (``engine.sim.power``) a step's
+device time is scaled by how heavy the device's work has been just before the step starts.
 
 A step's tokens are padded (``StepFeatures.num_padded_tokens``) to the graph buckets of the
 engine simulated, ``padding`` (``engine.sim.padding``): its GEMMs run on the bucket's rows.
@@ -53,6 +54,7 @@ from engine.sim.cost_model import CostModel, HostDeviceCostModel, StepFeatures
 from engine.sim.host_speeds import TwoSpeedHost
 from engine.sim.host_timeline import HostTimeline
 from engine.sim.padding import StepPadding
+from engine.sim.power import PowerCap
 from engine.stats import StepWork
 
 # Never a vocabulary id, so it can match no EOS or stop token: a simulated request always runs
@@ -72,6 +74,7 @@ class SimModelEngine(ModelEngine):
         padding: StepPadding | None = None,
         pipeline: bool = False,
         host_timeline: HostTimeline | TwoSpeedHost | None = None,
+        power: PowerCap | None = None,
     ):
         if pipeline and not (
             isinstance(cost_model, HostDeviceCostModel) and cost_model.launch is not None
@@ -80,16 +83,22 @@ class SimModelEngine(ModelEngine):
                 "the host pipeline needs a HostDeviceCostModel with a launch model "
                 f"(Profile.cost_model(with_launch=True)), not {type(cost_model).__name__}"
             )
-        if host_timeline is not None and not isinstance(cost_model, HostDeviceCostModel):
-            raise ValueError(
-                "a host timeline needs a HostDeviceCostModel (a profile with host and device "
-                f"times apart), not {type(cost_model).__name__}"
-            )
+        for name, given in (("a host timeline", host_timeline), ("a power cap", power)):
+            if given is not None and not isinstance(cost_model, HostDeviceCostModel):
+                raise ValueError(
+                    f"{name} needs a HostDeviceCostModel (a profile with host and device "
+                    f"times apart), not {type(cost_model).__name__}"
+                )
+        if pipeline and power is not None:
+            raise ValueError("the host pipeline does not simulate a power cap")
         self.cost_model = cost_model
         self.host_timeline = host_timeline
-        # What a step costs (fast_forward calls it too): with a timeline, at the host's speed
-        # of the second the step starts in on the device.
-        self.predict = cost_model.predict if host_timeline is None else self._predict_on_timeline
+        self.power = None if power is None else power.state()
+        # What a step costs (fast_forward calls it too; once for each step, in time order):
+        # with a timeline, at the host's speed of the second the step starts in on the device;
+        # with a power cap, at the device's speed its recent work leaves it.
+        plain = host_timeline is None and power is None
+        self.predict = cost_model.predict if plain else self._predict_scaled
         self.pipeline = pipeline
         self.padding = padding or StepPadding()  # the simulated engine's graph buckets
         self.clock = clock
@@ -124,9 +133,16 @@ class SimModelEngine(ModelEngine):
         self.device_free_at = max(self.clock.now(), self.device_free_at) + seconds
         return self.device_free_at
 
-    def _predict_on_timeline(self, features: StepFeatures) -> float:
+    def _predict_scaled(self, features: StepFeatures) -> float:
         started = max(self.clock.now(), self.device_free_at)
-        return self.cost_model.predict_on_host(features, self.host_timeline.scale_at(started))
+        timeline, power = self.host_timeline, self.power
+        host_speed = 1.0 if timeline is None else timeline.scale_at(started)
+        if power is None:
+            return self.cost_model.predict_on_host(features, host_speed)
+        seconds = self.cost_model.predict_on_host(features, host_speed, power.scale_at(started))
+        if seconds > 0:  # forward refuses any other
+            power.observe(started, seconds, features.num_padded_tokens)
+        return seconds
 
     def _pipelined(self, features: StepFeatures) -> float:
         """The host pipeline (module doc): the host's time passes on the clock, the device

@@ -226,13 +226,24 @@ def default_profile_path(model: str, device: str, overlap: bool = False) -> Path
 
 
 def available_profiles() -> list[str]:
-    """The committed profiles, as ``<device>/<name>`` (not the host speeds beside them)."""
+    """The committed profiles, as ``<device>/<name>`` (not the host speeds and power caps
+    beside them)."""
     paths = PROFILE_DIR.glob("*/*.json")
-    return sorted(f"{p.parent.name}/{p.stem}" for p in paths if not p.name.endswith(HOST_SPEEDS))
+    return sorted(
+        f"{p.parent.name}/{p.stem}" for p in paths if not p.name.endswith((HOST_SPEEDS, POWER))
+    )
 
 
-# engine.sim.host_speeds's files beside a profile: <profile stem>.host_speeds.json
+# Files beside a profile: engine.sim.host_speeds's <profile stem>.host_speeds.json, and
+# engine.sim.power's <profile stem>.power.json (which a simulation with that profile uses).
 HOST_SPEEDS = ".host_speeds.json"
+POWER = ".power.json"
+
+
+def power_path(profile_path: str | Path) -> Path:
+    """Where the power cap fitted with the profile at ``profile_path`` lies beside it."""
+    path = Path(profile_path)
+    return path.with_name(path.name.removesuffix(".json") + POWER)
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
