@@ -207,12 +207,20 @@ def plot_batch_composition(iterations: pd.DataFrame, path: Path, title: str = ""
     else:
         _no_data(top)
         _no_data(bottom)
-    top.set_ylabel("context tokens / step")
-    bottom.set_ylabel("requests / step")
+    return _two_panels_over_time(
+        fig, ("context tokens / step", "requests / step"), _title("Batch composition", title), path
+    )
+
+
+def _two_panels_over_time(fig: Figure, ylabels: tuple[str, str], title: str, path) -> list[Path]:
+    """Label, grid, title and save a figure of two panels over the run's time."""
+    top, bottom = fig.axes
+    top.set_ylabel(ylabels[0])
+    bottom.set_ylabel(ylabels[1])
     bottom.set_xlabel("time since run start (s)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    fig.suptitle(_title("Batch composition", title))
+    fig.suptitle(title)
     return [_save(fig, Path(path))]
 
 
@@ -229,13 +237,8 @@ def plot_gpu_clock(iterations: pd.DataFrame, path: Path, title: str = "") -> lis
     else:
         _no_data(top)
         _no_data(bottom)
-    top.set_ylabel("SM clock (MHz)")
-    bottom.set_ylabel("power (W)")
-    bottom.set_xlabel("time since run start (s)")
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-    fig.suptitle(_title("GPU clock and power at each step", title))
-    return [_save(fig, Path(path))]
+    title = _title("GPU clock and power at each step", title)
+    return _two_panels_over_time(fig, ("SM clock (MHz)", "power (W)"), title, path)
 
 
 def run_plots(

@@ -132,23 +132,25 @@ def test_a_simulation_on_two_speeds_is_its_hosts_timeline_replayed():
     assert drawn != finish_rows(profile)  # the slow seconds show
 
 
-def test_overlap_and_its_emulations_agree_on_a_two_speed_host():
-    profile = split_profile()
-    speeds = HostSpeeds(fast_scale=1.0, slow_scale=2.5, mean_fast_s=0.02, mean_slow_s=0.03)
+def overlap_and_its_emulation(**kwargs) -> list[list[tuple]]:
+    """The request rows of one workload simulated with the overlap loop and with its
+    fast-forwarded emulation (``sim_llm(split_profile(), **kwargs)``)."""
     runs = []
     for fast_forward in (False, True):
         llm = sim_llm(
-            profile,
-            overlap_scheduler=True,
-            sim_fast_forward=fast_forward,
-            sim_host_speeds=speeds,
-            seed=11,
+            split_profile(), overlap_scheduler=True, sim_fast_forward=fast_forward, **kwargs
         )
         prompts = [[2 + i] * (20 + 7 * i) for i in range(6)]
         params = [SamplingParams(max_new_tokens=10 + 9 * i, ignore_eos=True) for i in range(6)]
         arrivals = [0.0, 0.0, 0.05, 0.12, 0.3, 0.31]
         runs.append(request_rows(llm.generate(prompts, params, arrival_times=arrivals)))
-    assert runs[1] == runs[0]
+    return runs
+
+
+def test_overlap_and_its_emulations_agree_on_a_two_speed_host():
+    speeds = HostSpeeds(fast_scale=1.0, slow_scale=2.5, mean_fast_s=0.02, mean_slow_s=0.03)
+    overlap, emulated = overlap_and_its_emulation(sim_host_speeds=speeds, seed=11)
+    assert emulated == overlap
 
 
 def test_host_speeds_are_refused_where_they_cannot_apply(tmp_path: Path):

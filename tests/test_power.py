@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 from engine.llm import LLM
-from engine.request import SamplingParams
 from engine.sim import LinearCostModel, PowerCap
 from engine.sim.power import RunSteps
+from tests.test_host_speeds import overlap_and_its_emulation
 from tests.test_host_timeline import finish_rows
-from tests.test_sim import DECODE, MIXED, request_rows, sim_llm, split_profile
+from tests.test_sim import DECODE, MIXED, sim_llm, split_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,19 +121,9 @@ def test_a_flat_cap_is_a_device_time_scale_and_a_steep_one_slows_heavy_work():
 
 
 def test_overlap_and_its_emulation_agree_under_a_power_cap():
-    runs = []
-    for fast_forward in (False, True):
-        llm = sim_llm(
-            split_profile(),
-            overlap_scheduler=True,
-            sim_fast_forward=fast_forward,
-            sim_power=PowerCap(0.05, 100.0, 1.0, 2e-4),
-        )
-        prompts = [[2 + i] * (20 + 7 * i) for i in range(6)]
-        params = [SamplingParams(max_new_tokens=10 + 9 * i, ignore_eos=True) for i in range(6)]
-        arrivals = [0.0, 0.0, 0.05, 0.12, 0.3, 0.31]
-        runs.append(request_rows(llm.generate(prompts, params, arrival_times=arrivals)))
-    assert runs[1] == runs[0]
+    overlap, emulated = overlap_and_its_emulation(sim_power=PowerCap(0.05, 0.0, 1.0, 1e-3))
+    assert emulated == overlap
+    assert overlap != overlap_and_its_emulation()[0]  # the cap shows
 
 
 def test_a_power_cap_is_refused_where_it_cannot_apply(tmp_path: Path):
