@@ -376,6 +376,7 @@ class LLM:
             Profile,
             SimModelEngine,
         )
+        from engine.sim.engine import check_host_device
 
         if not isinstance(model, (str, os.PathLike)):
             raise ValueError("engine='sim' takes a preset name or a checkpoint directory")
@@ -423,21 +424,11 @@ class LLM:
                     f"times apart), not a {type(cost_model).__name__}"
                 )
             host_timeline = host_speeds.host(seed)  # a timeline drawn as the run goes
-        if host_timeline is not None and not isinstance(cost_model, HostDeviceCostModel):
-            raise ValueError(
-                "a host timeline needs a HostDeviceCostModel (a profile with host and device "
-                f"times apart), not a {type(cost_model).__name__}"
-            )
         if isinstance(power, (str, os.PathLike)):
             power = PowerCap.load(power)
-        if power is not None:
-            if not isinstance(power, PowerCap):
-                raise ValueError(f"sim_power must be a PowerCap or a file: {power!r}")
-            if not isinstance(cost_model, HostDeviceCostModel):
-                raise ValueError(
-                    "a power cap needs a HostDeviceCostModel (a profile with host and device "
-                    f"times apart), not a {type(cost_model).__name__}"
-                )
+        if power is not None and not isinstance(power, PowerCap):
+            raise ValueError(f"sim_power must be a PowerCap or a file: {power!r}")
+        check_host_device(cost_model, host_timeline, power)  # before the pool is counted
         self.profile = profile
         if profile is not None:
             self._warn_beyond_profile(profile)

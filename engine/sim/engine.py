@@ -62,6 +62,21 @@ from engine.stats import StepWork
 PLACEHOLDER_TOKEN = -1
 
 
+def check_host_device(
+    cost_model: CostModel,
+    host_timeline: HostTimeline | TwoSpeedHost | None = None,
+    power: PowerCap | None = None,
+) -> None:
+    """A ``ValueError`` where a host timeline or a power cap is given with a cost model that
+    does not predict the host's and the device's times apart (they scale one of the two)."""
+    for name, given in (("a host timeline", host_timeline), ("a power cap", power)):
+        if given is not None and not isinstance(cost_model, HostDeviceCostModel):
+            raise ValueError(
+                f"{name} needs a HostDeviceCostModel (a profile with host and device times "
+                f"apart), not {type(cost_model).__name__}"
+            )
+
+
 class SimModelEngine(ModelEngine):
     supports_overlap = True  # tokens are placeholders: nothing pending to fill
 
@@ -83,12 +98,7 @@ class SimModelEngine(ModelEngine):
                 "the host pipeline needs a HostDeviceCostModel with a launch model "
                 f"(Profile.cost_model(with_launch=True)), not {type(cost_model).__name__}"
             )
-        for name, given in (("a host timeline", host_timeline), ("a power cap", power)):
-            if given is not None and not isinstance(cost_model, HostDeviceCostModel):
-                raise ValueError(
-                    f"{name} needs a HostDeviceCostModel (a profile with host and device "
-                    f"times apart), not {type(cost_model).__name__}"
-                )
+        check_host_device(cost_model, host_timeline=host_timeline, power=power)
         if pipeline and power is not None:
             raise ValueError("the host pipeline does not simulate a power cap")
         self.cost_model = cost_model

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.sim.cost_model import _least_squares
 from engine.sim.profile import read_json_object
 
 # The averaging times tried by the fit (s): the clock follows the power within tens of ms;
@@ -67,7 +68,8 @@ class PowerCap:
         """Least squares of each device-bound step's measured over predicted device time on
         the hinge of its rate, every step weighted by its predicted time (the seconds a queue
         adds up), over every ``tau_s`` of ``taus_s`` and thresholds at the rates' 0, 5, ...,
-        95th percentiles; the best. The slope is kept at 0 or more (a flat fit otherwise)."""
+        95th percentiles; the best. The slope is kept at 0 or more (a flat fit otherwise:
+        ``cost_model._least_squares``'s rule for costs)."""
         if not runs or not any(r.is_fitted.any() for r in runs):
             raise ValueError("power cap: no device-bound step with a device time to fit")
         best: tuple[float, PowerCap] | None = None
@@ -77,9 +79,8 @@ class PowerCap:
             weight = np.concatenate([r.predicted[r.is_fitted] for r in runs])
             for threshold in np.unique(np.percentile(rates, np.arange(0, 100, 5))):
                 x = np.maximum(0.0, rates - threshold)
-                base, slope = _weighted_line(x, ratio, weight)
-                if slope < 0:
-                    base, slope = float(np.average(ratio, weights=weight)), 0.0
+                design = np.column_stack([np.ones_like(x), x])
+                base, slope = map(float, _least_squares(design, ratio, weight))
                 error = float(np.sum(weight * (ratio - base - slope * x) ** 2))
                 if best is None or error < best[0]:
                     best = (error, cls(tau, float(threshold), base, slope))
@@ -114,36 +115,27 @@ class PowerCap:
             raise ValueError(f"{path}: {error}") from error
 
 
-def _weighted_line(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    """Weighted least squares of ``y = a + b x``; ``b = 0`` where ``x`` does not vary."""
-    mx, my = np.average(x, weights=w), np.average(y, weights=w)
-    var = np.sum(w * (x - mx) ** 2)
-    b = float(np.sum(w * (x - mx) * (y - my)) / var) if var > 0 else 0.0
-    return float(my - b * mx), b
-
-
 class PowerState:
     """One run's recent work rate (rows/s, module doc), fed step by step in time order."""
 
-    __slots__ = ("_decay_s", "_last_end", "cap", "rate")
+    __slots__ = ("_last_end", "cap", "rate")
 
     def __init__(self, cap: PowerCap):
         self.cap = cap
         self.rate = 0.0
-        self._decay_s = cap.tau_s
         self._last_end = 0.0
 
     def scale_at(self, start: float) -> float:
         """The device-time scale of a step starting at ``start``: the rate decays over any
         idle time since the last step ended."""
         if start > self._last_end:
-            self.rate *= math.exp((self._last_end - start) / self._decay_s)
+            self.rate *= math.exp((self._last_end - start) / self.cap.tau_s)
             self._last_end = start
         return self.cap.scale(self.rate)
 
     def observe(self, start: float, seconds: float, rows: int) -> None:
         """A step of ``rows`` padded rows ran from ``start`` for ``seconds``."""
-        kept = math.exp(-seconds / self._decay_s)
+        kept = math.exp(-seconds / self.cap.tau_s)
         self.rate = self.rate * kept + (1 - kept) * rows / seconds
         self._last_end = max(self._last_end, start + seconds)
 
