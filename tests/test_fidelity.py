@@ -17,6 +17,8 @@ from harness.fidelity import (
     effects,
     main,
     median_summaries,
+    real_latencies,
+    with_ranks,
     with_real_range,
     with_spread,
 )
@@ -40,6 +42,23 @@ def test_relative_errors_and_targets():
     assert not bool(rows.loc["output_throughput", "within_target"])
     with pytest.raises(ValueError, match="no run in common"):
         compare({"a": summary(1.0)}, {"b": summary(1.0)})
+
+
+def test_a_simulated_percentile_is_ranked_among_the_real_requests():
+    """100 real requests at 1..100 ms: a simulated P50 of 30.5 ms lies above 30 of them (rank
+    30: 20 points below), one of exactly 30 ms half counts its tie (29.5). TPOT's missing
+    values (one-token requests) are not requests of it; throughputs get no rank."""
+    real = pd.DataFrame({"ttft_ms": range(1, 101), "tpot_ms": [math.nan] * 50 + [10.0] * 50,
+                         "e2el_ms": range(1, 101)})  # fmt: skip
+    sim = summary(1.0) | {"p50_ttft_ms": 30.5, "p90_e2el_ms": 30.0, "p50_tpot_ms": 11.0}
+    table = with_ranks(compare({"a": summary(1.0), "b": summary(1.0)}, {"a": sim, "b": sim}),
+                       {"a": real})  # fmt: skip
+    rows = table.set_index(["variant", "metric"])["rank_error"]
+    assert rows[("a", "p50_ttft_ms")] == pytest.approx(-20.0)
+    assert rows[("a", "p90_e2el_ms")] == pytest.approx(29.5 - 90)
+    assert rows[("a", "p50_tpot_ms")] == pytest.approx(50.0)  # above all 50 TPOTs
+    assert math.isnan(rows[("a", "output_throughput")])
+    assert table[table["variant"] == "b"]["rank_error"].isna().all()  # no real requests
 
 
 def test_a_second_real_run_gives_the_spread_beside_the_error():
@@ -132,6 +151,12 @@ def test_cli_on_result_directories(tmp_path: Path):
     assert main([str(run), str(run), "--out", str(report)]) == 0
     table = pd.read_csv(report / "fidelity.csv")
     assert len(table) == len(TARGETS) and (table["relative_error"] == 0).all()
+    # A run against itself: each percentile ranks at itself, to one request's share
+    ((variant, requests),) = real_latencies([run]).items()
+    latency = table[table["metric"].str.endswith("_ms")]
+    assert latency["rank_error"].abs().max() <= 100 / requests["ttft_ms"].count()
+    assert table[~table["metric"].str.endswith("_ms")]["rank_error"].isna().all()
+    assert len(real_latencies([run, run])[variant]) == 2 * len(requests)  # repeats pooled
     assert (report / "fidelity.png").stat().st_size > 0
     assert main([str(tmp_path / "missing"), str(run)]) == 2
     assert main([str(run), str(run), "--out", str(report), "--spread", str(run)]) == 0
@@ -215,3 +240,31 @@ def test_the_profile_check_gives_each_real_runs_host_scale(tmp_path: Path, capsy
     assert main(args) == 0
     assert not (plain / "host_time.csv").exists()
     assert "host time over the profile's" not in capsys.readouterr().out
+
+
+def test_the_step_check_applies_the_power_cap_the_simulation_used(tmp_path: Path, capsys):
+    """A simulation on a flat cap of 2 (every device time doubled; run.json names it), checked
+    against its own profile: exact, the cap applied. Checked as the reference of a simulation
+    without it, its device-bound steps are twice the prediction."""
+    from engine.sim.power import PowerCap
+    from tests.test_sim import split_profile
+
+    profile = tmp_path / "p.json"
+    split_profile().save(profile)
+    PowerCap(0.2, 0.0, 2.0, 0.0).save(tmp_path / "p.power.json")
+
+    def simulate(name: str, *overrides: str) -> Path:
+        harness(tmp_path / name, "executor.engine=sim", f"executor.profile={profile}",
+                "model=llama-1b", "workload.num_requests=20", "workload.rate=50",
+                "progress=false", "plots=false", *overrides)  # fmt: skip
+        return only_dir(tmp_path / name / "default")
+
+    capped, plain = simulate("capped"), simulate("plain", "executor.sim_power=null")
+    report = tmp_path / "report"
+    assert main([str(capped), str(capped), "--out", str(report), "--profile", str(profile)]) == 0
+    assert pd.read_csv(report / "steps.csv")["bias"].abs().max() < 1e-9
+    assert "with the power cap the simulation used" in capsys.readouterr().out
+    assert main([str(capped), str(plain), "--out", str(report), "--profile", str(profile)]) == 0
+    steps = pd.read_csv(report / "steps.csv")
+    assert steps["bias"].min() == pytest.approx(-0.5)  # predicted half the measured time
+    assert "power cap" not in capsys.readouterr().out

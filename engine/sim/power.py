@@ -63,6 +63,13 @@ class PowerCap:
     def state(self) -> PowerState:
         return PowerState(self)
 
+    def scales_along(
+        self, start: Sequence[float], seconds: Sequence[float], rows: Sequence[float]
+    ) -> np.ndarray:
+        """Each step's scale on a timeline of steps in time order (start, wall seconds, padded
+        rows): what a simulation with this cap reads, given those steps' times."""
+        return np.array([self.scale(r) for r in rates_along(self.tau_s, start, seconds, rows)])
+
     @classmethod
     def fit(cls, runs: Sequence[RunSteps], taus_s: Sequence[float] = TAUS_S) -> PowerCap:
         """Least squares of each device-bound step's measured over predicted device time on
@@ -161,13 +168,20 @@ class RunSteps:
 
     def rates(self, tau_s: float) -> np.ndarray:
         """Each step's rate at its start, as ``PowerState`` gives it with ``tau_s``."""
-        state = PowerState(PowerCap(tau_s, 0.0, 1.0, 0.0))
-        out = np.empty(len(self.start))
-        for i, (start, seconds, rows) in enumerate(
-            zip(self.start.tolist(), self.seconds.tolist(), self.rows.tolist(), strict=True)
-        ):
-            state.scale_at(start)
-            out[i] = state.rate
-            if seconds > 0:
-                state.observe(start, seconds, rows)
-        return out
+        return rates_along(tau_s, self.start, self.seconds, self.rows)
+
+
+def rates_along(
+    tau_s: float, start: Sequence[float], seconds: Sequence[float], rows: Sequence[float]
+) -> np.ndarray:
+    """Each step's rate at its start on a timeline of steps in time order, as ``PowerState``
+    gives it with ``tau_s`` (a step of no time adds nothing)."""
+    state = PowerState(PowerCap(tau_s, 0.0, 1.0, 0.0))
+    steps = zip(*(np.asarray(c, float).tolist() for c in (start, seconds, rows)), strict=True)
+    out = np.empty(len(start))
+    for i, (began, took, num_rows) in enumerate(steps):
+        state.scale_at(began)
+        out[i] = state.rate
+        if took > 0:
+            state.observe(began, took, num_rows)
+    return out
