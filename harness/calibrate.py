@@ -46,6 +46,19 @@ The GPU's own speed moves too: at its power cap it lowers its clock, and the sam
 longer after heavy work than after light work (``engine.sim.power``). ``--power FILE`` fits
 that to the runs' device-bound steps (``engine.sim.PowerCap``); a simulation uses the file
 beside its profile, ``<profile>.power.json``, by default (``executor.sim_power``).
+
+Calibrate the steps with prompt tokens on runs of one clock. A fit to runs at two clocks
+(llama-8b's ``fcfs_vs_maxutil`` near 1,950 MHz, its long-prompt workloads at the 700 W cap near
+1,600 MHz) lets a feature that differs between the workloads stand in for the clock: the
+committed llama-8b profile once charged each decode of a mixed step for it, and
+under-predicted mixed steps of 16-128 decodes by 5-8% on every long-prompt workload. So the
+H200 llama-8b profile is calibrated in two passes, ``--kinds decode`` for the fast-clock runs
+and every kind for the capped ones, and the power cap fitted over all of them then models the
+fast clock (engine/sim/profiles/README.md)::
+
+    python -m harness.calibrate FAST... --profile P --from-grid --kinds decode --out P2
+    python -m harness.calibrate CAPPED... --profile P2 --out P2
+    python -m harness.calibrate FAST... CAPPED... --profile P2 --power P2.power.json
 """
 
 from __future__ import annotations
@@ -207,19 +220,23 @@ def calibrate(
     max_steps: int = 1000,
     fit_error: str | None = None,
     kinds: tuple[str, ...] = STEP_KINDS,
+    from_grid: bool = False,
 ) -> tuple[Profile, pd.DataFrame]:
     """``profile`` with the serving steps of ``runs`` (see the module doc), and every one of
     those steps (``serving_steps``, all runs). ``fit_error``: what its fit minimises
     (``Profile.fit_error``; None keeps the profile's). ``kinds``: the kinds of step added (the
     others' fits stay as they were), e.g. ``("decode",)`` for a workload whose decode steps the
     profile has not seen (small batches of long sequences) on a host that would skew the mixed
-    fit's host time."""
+    fit's host time. ``from_grid``: drop the profile's own serving steps first (a fresh
+    calibration on the profiler's grid)."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if not kinds or set(kinds) - set(STEP_KINDS):
         raise ValueError(f"kinds must be some of {STEP_KINDS}, got {kinds}")
     if fit_error is not None:
         profile = replace(profile, fit_error=fit_error)
+    if from_grid:
+        profile = profile.grid_only()
     tables = []
     modes = {is_overlap_run(run) for run in runs} | {
         source.get("overlap_scheduler", False) for source in profile.calibration
@@ -426,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         "others' fits stay as they were",
     )
     parser.add_argument(
+        "--from-grid",
+        action="store_true",
+        help="drop --profile's serving steps first: calibrate its profiler grid afresh",
+    )
+    parser.add_argument(
         "--host-timeline",
         metavar="DIR",
         default=None,
@@ -459,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         profile = Profile.load(args.profile)
         runs = [run for path in args.real for run in runs_under(path)]  # each read once
         kinds = tuple(args.kinds.split(",")) if args.kinds else STEP_KINDS
-        calibrated, steps = calibrate(profile, runs, args.max_steps, args.fit_error, kinds)
+        calibrated, steps = calibrate(
+            profile, runs, args.max_steps, args.fit_error, kinds, args.from_grid
+        )
         # Host scales are against the profile a simulation will use: the calibrated one.
         target = profile if args.out is None else calibrated
         table = None if args.out is None else bias_table(profile, calibrated, steps)
@@ -537,8 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(written.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if table is not None:
-        num_added = len(calibrated.steps) - len(profile.steps)
-        print(f"\nwrote {args.out}: {num_added} serving steps added to {len(profile.steps)}")
+        start = profile.grid_only() if args.from_grid else profile
+        num_added = len(calibrated.steps) - len(start.steps)
+        dropped = " (its serving steps dropped: --from-grid)" if args.from_grid else ""
+        print(f"\nwrote {args.out}: {num_added} serving steps added to {len(start.steps)}{dropped}")
     return 0
 
 

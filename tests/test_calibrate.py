@@ -224,6 +224,16 @@ def test_cli_calibrates_with_a_real_run_and_refuses_the_wrong_runs(tmp_path: Pat
     assert calibrated.calibration[0]["kinds"] == ["decode"]
     assert main([*args, "--kinds", "decode,prompt"]) == 2
     assert "kinds must be some of ('decode', 'prefill', 'mixed')" in capsys.readouterr().err
+    # Calibrated twice: the steps add up, unless --from-grid drops the first calibration's
+    twice = [str(run), "--profile", str(out), "--out", str(tmp_path / "twice.json")]
+    assert main(twice) == 0
+    assert len(Profile.load(tmp_path / "twice.json").calibration) == 2
+    assert main([*twice, "--from-grid", "--kinds", "decode"]) == 0
+    fresh = Profile.load(tmp_path / "twice.json")
+    assert fresh.steps[: len(profile.steps)] == profile.steps  # the grid, as it was
+    assert fresh.steps[len(profile.steps) :] == calibrated.steps[len(profile.steps) :]
+    assert [c["kinds"] for c in fresh.calibration] == [["decode"]]
+    assert "(its serving steps dropped: --from-grid)" in capsys.readouterr().out
 
     dataclasses.replace(profile, device="NVIDIA H200").save(tmp_path / "h200.json")
     assert main([str(run), "--profile", str(tmp_path / "h200.json"), "--out", str(out)]) == 2

@@ -176,6 +176,12 @@ class Profile:
         ]
         return [samples[i] for i in chosen], use_serving, [self.steps[i] for i in chosen]
 
+    def grid_only(self) -> Profile:
+        """A copy with the profiler's steps alone: its serving steps and their sources gone
+        (to calibrate afresh, ``harness.calibrate --from-grid``)."""
+        steps = [row for row in self.steps if row.get("kind") != SERVING]
+        return replace(self, steps=steps, calibration=[])
+
     def with_serving_steps(self, rows: list[dict[str, float]], source: dict[str, Any]) -> Profile:
         """A copy with ``rows`` (features, ``seconds``, optional ``host_seconds``, ``host_time``
         and ``device_time``) added as serving steps, and ``source`` (where they came from) in
