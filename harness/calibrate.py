@@ -51,7 +51,7 @@ Calibrate the steps with prompt tokens on runs of one clock. A fit to runs at tw
 (llama-8b's ``fcfs_vs_maxutil`` near 1,950 MHz, its long-prompt workloads at the 700 W cap near
 1,600 MHz) lets a feature that differs between the workloads stand in for the clock: the
 committed llama-8b profile once charged each decode of a mixed step for it, and
-under-predicted mixed steps of 16-128 decodes by 5-8% on every long-prompt workload. So the
+under-predicted mixed steps of 17-128 decodes by 5-8% on every long-prompt workload. So the
 H200 llama-8b profile is calibrated in two passes, ``--kinds decode`` for the fast-clock runs
 and every kind for the capped ones, and the power cap fitted over all of them then models the
 fast clock (engine/sim/profiles/README.md)::

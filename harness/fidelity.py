@@ -21,7 +21,9 @@ profile's (``host_time.csv``): a real run on a host more than 10% off the simula
 (``executor.sim_host_time_scale``) is named, with the scale that simulates it. Its
 ``device_time_scale`` column is the run's GPU against the profile's
 (``executor.sim_device_time_scale``). A host that changes speed within a run is replayed with
-``executor.sim_host_timeline`` (``python -m harness.calibrate --host-timeline``).
+``executor.sim_host_timeline`` (``python -m harness.calibrate --host-timeline``). Where the
+simulation ran with a power cap (``executor.sim_power``), each real step's device time is
+predicted with it too, read on the real run's own timeline.
 
 The second directory may also be another real run of the same workload: the table is then the
 real engine's own spread, the floor under any simulator's error on that workload
@@ -75,7 +77,7 @@ THROUGHPUT_METRICS = ("output_throughput", "request_throughput")
 TARGETS = {**dict.fromkeys(LATENCY_METRICS, 0.05), **dict.fromkeys(THROUGHPUT_METRICS, 0.03)}
 # The per-request latency each percentile metric is taken over (``with_ranks``).
 RANKED = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2el_ms"}
-RANK_CLOSE = 2.0  # percentile points: an error of value this close in rank is named steep
+RANK_CLOSE = 2.0  # percentile points: a miss in value this close in rank is named (main)
 # Overrides that choose how a run executes, not what it runs: ignored when pairing runs.
 ENGINE_KEYS = ("executor.", "output_root", "hydra.", "progress", "plots")
 
@@ -479,12 +481,17 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
     variants = list(dict.fromkeys(table["variant"]))
     metrics = list(TARGETS)
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(metrics) * len(variants) ** 0.5), 4))
+    has_ranks = "rank_error" in table and bool(table["rank_error"].notna().any())
+    size = (max(6, 0.8 * len(metrics) * len(variants) ** 0.5), 6.5 if has_ranks else 4)
+    fig, axes = plt.subplots(2 if has_ranks else 1, 1, figsize=size, squeeze=False, sharex=True)
+    ax = axes[0, 0]
     width = 0.8 / len(variants)
     for i, (variant, name) in enumerate(zip(variants, short_names(variants), strict=True)):
         rows = table[table["variant"] == variant].set_index("metric").reindex(metrics)
         xs = [m + (i - (len(variants) - 1) / 2) * width for m in range(len(metrics))]
         ax.bar(xs, 100 * rows["relative_error"], width, label=name)
+        if has_ranks:
+            axes[1, 0].bar(xs, rows["rank_error"], width)
         if "real_spread" in rows:
             ax.scatter(xs, 100 * rows["real_spread"], marker="_", s=160, color="black",
                        label="real run again" if i == 0 else None, zorder=3)  # fmt: skip
@@ -496,8 +503,14 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         target = 100 * TARGETS[metric]
         ax.fill_between([m - 0.45, m + 0.45], -target, target, color="green", alpha=0.12)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(metrics)), [m.removesuffix("_ms") for m in metrics], rotation=45)
     ax.set_ylabel("sim vs real (%)")
+    if has_ranks:  # below: the same bars as ranks among the real requests (with_ranks)
+        ranks = axes[1, 0]
+        ranks.axhspan(-RANK_CLOSE, RANK_CLOSE, color="grey", alpha=0.15)
+        ranks.axhline(0, color="black", linewidth=0.8)
+        ranks.set_ylabel("rank among real requests\n(percentile points; shaded: close)")
+    labels = [m.removesuffix("_ms") for m in metrics]
+    axes[-1, 0].set_xticks(range(len(metrics)), labels, rotation=45)
     title = "Simulated engine fidelity (shaded: target"
     if "real_low" in table:
         title += "; against the real runs' median, black: their range"
@@ -611,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{within}/{len(table)} within target; wrote {out / 'fidelity.csv'} and fidelity.png")
     steep = table[~table["within_target"] & (table["rank_error"].abs() <= RANK_CLOSE)]
     if len(steep):
-        names = ", ".join(f"{m.removesuffix('_ms')}" for m in dict.fromkeys(steep["metric"]))
+        names = ", ".join(m.removesuffix("_ms") for m in dict.fromkeys(steep["metric"]))
         print(
             f"{len(steep)} of those off target lie within {RANK_CLOSE:g} percentile points of "
             f"their rank among the real requests ({names}): few real requests lie between the two "

@@ -247,7 +247,7 @@ def test_the_step_check_applies_the_power_cap_the_simulation_used(tmp_path: Path
     against its own profile: exact, the cap applied. Checked as the reference of a simulation
     without it, its device-bound steps are twice the prediction."""
     from engine.sim.power import PowerCap
-    from tests.test_sim import split_profile
+    from tests.test_sim import split_profile, synthetic_profile
 
     profile = tmp_path / "p.json"
     split_profile().save(profile)
@@ -268,3 +268,8 @@ def test_the_step_check_applies_the_power_cap_the_simulation_used(tmp_path: Path
     steps = pd.read_csv(report / "steps.csv")
     assert steps["bias"].min() == pytest.approx(-0.5)  # predicted half the measured time
     assert "power cap" not in capsys.readouterr().out
+    # A profile without host and device apart cannot take the simulation's cap.
+    plain_profile = tmp_path / "plain.json"
+    synthetic_profile("llama-1b").save(plain_profile)
+    assert main([str(capped), str(capped), "--profile", str(plain_profile)]) == 2
+    assert "a power cap needs a profile with host and device apart" in capsys.readouterr().err
