@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from bench.sim_replay import replay, workload_overrides
+from bench.sim_replay import main, replay, targets_met, workload_overrides
 from engine.sim import HostTimeline
 from tests.test_calibrate import cpu_run
 from tests.test_sim import split_profile
@@ -46,3 +46,24 @@ def test_a_real_run_is_replayed_on_its_own_host_and_device(tmp_path: Path):
         timeline_path = str(out / str(i) / "host_timeline.csv")
         scale = round(float(table.device_scale.iloc[3 * i]), 4)
         assert settings == [(None, 1.0), (timeline_path, 1.0), (timeline_path, scale)]
+
+
+def test_the_default_way_alone_counts_the_targets_met(tmp_path: Path, capsys):
+    """--default-only: one simulation a run, no host measured (a profile without the host apart
+    will do), and the targets met over all runs, as the table's rows add up."""
+    from tests.test_sim import synthetic_profile
+
+    run = cpu_run(tmp_path, "executor.overlap_scheduler=true")
+    dataclasses.replace(synthetic_profile("llama-tiny"), device="cpu").save(tmp_path / "p.json")
+    out = tmp_path / "default"
+    args = [str(run), str(run), "--out", str(out), "--profile", str(tmp_path / "p.json")]
+    assert main([*args, "--default-only"]) == 0
+    table = pd.read_csv(out / "replay.csv")
+    assert table.way.tolist() == ["default", "default"] and table.device_scale.isna().all()
+    assert not (out / "0" / "host_timeline.csv").exists()
+    assert [len(list((out / str(i)).rglob("requests.parquet"))) for i in range(2)] == [1, 1]
+    (met,) = targets_met(table).values()
+    assert met == sum(int(w.split("/")[0]) for w in table.within)
+    assert f"default: {met} of 14 targets met" in capsys.readouterr().out
+    assert main(args) == 2  # the other ways need the host apart
+    assert "does not fit the host apart" in capsys.readouterr().err
