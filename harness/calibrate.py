@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -76,7 +77,7 @@ from engine.sim.cost_model import ERRORS, STEP_KINDS, HostDeviceCostModel, StepF
 from engine.sim.host_speeds import SLOW_THRESHOLD, HostSpeeds
 from engine.sim.host_timeline import HostTimeline
 from engine.sim.padding import StepPadding
-from engine.sim.power import PowerCap, RunSteps
+from engine.sim.power import TAUS_S, PowerCap, RunSteps
 from engine.sim.profile import Profile
 from harness.config import graph_settings
 from harness.results import RunResult, load
@@ -369,6 +370,7 @@ def power_runs(profile: Profile, steps: pd.DataFrame) -> list[RunSteps]:
                 measured=np.where(timed, device, 0.0),
                 predicted=group.device_predicted.to_numpy(dtype=float),
                 is_fitted=timed & (group.host_time.to_numpy() < DEVICE_BOUND * device),
+                is_decode=(group.kind == "decode").to_numpy(),
             )
         )
     return runs
@@ -470,6 +472,21 @@ def main(argv: list[str] | None = None) -> int:
         "to the runs' steps and write it to FILE (JSON); a simulation uses "
         "<profile>.power.json by default, or executor.sim_power=FILE",
     )
+    parser.add_argument(
+        "--power-steps",
+        choices=("prompt", "all"),
+        default="prompt",
+        help="--power: the steps the cap slows, those with prompt tokens (default: decode-only "
+        "steps read memory and barely follow the clock) or all",
+    )
+    parser.add_argument(
+        "--power-tau",
+        type=float,
+        default=None,
+        metavar="S",
+        help="--power: the rate's averaging time in seconds (default: the fit's best of "
+        f"{', '.join(map(str, TAUS_S))})",
+    )
     args = parser.parse_args(argv)
     if all(getattr(args, a) is None for a in ("out", "host_timeline", "host_speeds", "power")):
         parser.error(
@@ -500,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--power needs overlap runs on a GPU (device times) and a profile with "
                     "host and device times apart"
                 )
-            power = PowerCap.fit(power_steps)
+            taus = TAUS_S if args.power_tau is None else (args.power_tau,)
+            power = PowerCap.fit(power_steps, taus, scales_decode=args.power_steps == "all")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -547,8 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         power.save(args.power, measured)
         print(
             f"\nthe GPU's power cap against {which} device model: its device time x "
-            f"{power.base:.4g} + {power.slope:.3g} per row/s over {power.threshold:.4g} rows/s, "
-            f"the rows/s averaged over {power.tau_s:g} s; it explains {explained:.1%} of the "
+            f"{power.base:.4g} + {power.slope:.3g} per row/s over {power.threshold:.4g} rows/s"
+            + (f" up to {power.saturation:.4g}" if math.isfinite(power.saturation) else "")
+            + (", steps with prompt tokens only" if not power.scales_decode else "")
+            + f", the rows/s averaged over {power.tau_s:g} s; it explains {explained:.1%} of the "
             f"steps' spread about the fit; wrote {args.power} (a simulation with that profile "
             "uses <profile>.power.json, or executor.sim_power=FILE)"
         )

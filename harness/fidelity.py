@@ -331,7 +331,9 @@ def step_predictions(
         if power is None:
             predicted = [model.predict(f) for f in features(steps)]
         else:  # serving_steps are in time order, as the cap reads them
-            scales = power.scales_along(steps.time, steps.seconds, steps.num_padded_tokens)
+            scales = power.scales_along(
+                steps.time, steps.seconds, steps.num_padded_tokens, steps.kind == "decode"
+            )
             predicted = [
                 model.predict_on_host(f, 1.0, scale)
                 for f, scale in zip(features(steps), scales, strict=True)

@@ -4,6 +4,7 @@ exactly; the fit on runs made to a known cap; the file; the engine and the harne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -99,11 +100,59 @@ def test_a_cap_is_found_again_from_runs_made_with_it():
         PowerCap.fit(unfitted)
 
 
+def test_a_saturating_cap_rises_no_more_and_can_leave_decode_steps_alone():
+    """A clipped hinge: flat at base to the threshold, rising to the saturation, flat after;
+    with scales_decode False a decode-only step keeps its time at any rate."""
+    cap = PowerCap(1.0, threshold=10_000.0, base=0.9, slope=1e-5, saturation=20_000.0)
+    assert [cap.scale(r) for r in (0, 10_000, 15_000, 20_000, 40_000)] == pytest.approx(
+        [0.9, 0.9, 0.95, 1.0, 1.0]
+    )
+    prompt_only = PowerCap(1.0, 10_000.0, 0.9, 1e-5, 20_000.0, scales_decode=False)
+    assert prompt_only.scale_of_step(40_000, is_decode=True) == 1.0
+    assert prompt_only.scale_of_step(40_000, is_decode=False) == pytest.approx(1.0)
+    assert prompt_only.scale_of_step(0, is_decode=True) == 1.0
+    assert prompt_only.scale_of_step(0, is_decode=False) == pytest.approx(0.9)
+    state = prompt_only.state()
+    assert state.scale_at(0.0, is_decode=True) == 1.0 and state.scale_at(0.0) == 0.9
+    scales = prompt_only.scales_along([0.0, 1.0], [1.0, 1.0], [0, 0], [True, False])
+    assert scales.tolist() == pytest.approx([1.0, 0.9])
+    with pytest.raises(ValueError, match="saturation > threshold"):
+        PowerCap(1.0, 10_000.0, 0.9, 1e-5, saturation=10_000.0)
+
+
+def test_a_saturating_prompt_only_cap_is_found_again():
+    """Runs whose steps with prompt tokens follow a clipped hinge and whose decode steps do
+    not: the prompt-only fit finds the hinge (to the rates' 5% grid) and its saturation."""
+    plain = made_run(PowerCap(0.2, 0.0, 1.0, 0.0))  # its rates, to put the hinge among them
+    low, high = np.quantile(plain.rates(0.2)[plain.rows >= 1000], [0.25, 0.75])
+    cap = PowerCap(0.2, threshold=low, base=0.9, slope=0.1 / (high - low), saturation=high)
+    runs = []
+    for seed in (0, 1):
+        run = made_run(cap, seed)
+        is_decode = run.rows < 1000  # made_run's light steps: 16-256 rows
+        measured = np.where(is_decode, run.predicted, run.measured)
+        runs.append(dataclasses.replace(run, measured=measured, is_decode=is_decode))
+    fitted = PowerCap.fit(runs, (0.2,), scales_decode=False)
+    assert not fitted.scales_decode and math.isfinite(fitted.saturation)
+    assert fitted.explained(runs) > 0.9
+    rates = np.concatenate([r.rates(0.2)[~r.decode_mask] for r in runs])
+    for rate in np.quantile(rates, [0.1, 0.5, 0.9]):
+        assert fitted.scale(rate) == pytest.approx(cap.scale(rate), abs=0.02)
+    # Fitted on every step, the decode steps' flat times pull it toward 1.
+    assert PowerCap.fit(runs, (0.2,)).explained(runs) < fitted.explained(runs)
+
+
 def test_a_cap_file_round_trips_and_a_bad_one_says_what_is_wrong(tmp_path: Path):
     cap = PowerCap(tau_s=0.1, threshold=7000.0, base=0.99, slope=1.5e-6)
     cap.save(tmp_path / "p.json", {"runs": ["a"]})
     assert PowerCap.load(tmp_path / "p.json") == cap
     assert json.loads((tmp_path / "p.json").read_text())["measured"] == {"runs": ["a"]}
+    assert json.loads((tmp_path / "p.json").read_text())["saturation"] is None  # none: null
+    clipped = PowerCap(0.1, 7000.0, 0.99, 1.5e-6, saturation=9000.0, scales_decode=False)
+    clipped.save(tmp_path / "c.json")
+    assert PowerCap.load(tmp_path / "c.json") == clipped
+    (tmp_path / "old.json").write_text(cap_json(cap))  # written before the two fields
+    assert PowerCap.load(tmp_path / "old.json") == cap
     (tmp_path / "missing.json").write_text(json.dumps({"tau_s": 0.1, "base": 1.0}))
     with pytest.raises(ValueError, match="missing threshold, slope"):
         PowerCap.load(tmp_path / "missing.json")
@@ -220,11 +269,16 @@ def test_cli_fits_the_cap_to_the_runs_device_times(tmp_path: Path, capsys):
     fitted = PowerCap.load(tmp_path / "c.json")
     _, steps = calibrate(profile, [load(run)])
     runs = power_runs(profile, steps)
-    assert fitted == PowerCap.fit(runs)
+    # By default on the steps with prompt tokens alone; --power-steps all on every step.
+    assert fitted == PowerCap.fit(runs, scales_decode=False) and not fitted.scales_decode
     assert fitted.tau_s == 0.05 and fitted.slope > 0 and fitted.explained(runs) > 0.9
+    assert main([*args, "--power-steps", "all", "--power-tau", "0.2"]) == 0
+    assert PowerCap.load(tmp_path / "c.json") == PowerCap.fit(runs, (0.2,))
+    assert "steps with prompt tokens only" not in capsys.readouterr().out
     measured = json.loads((tmp_path / "c.json").read_text())["measured"]
     assert measured["runs"] == [str(run)]
-    assert measured["command"] == "python -m harness.calibrate " + " ".join(args)
+    expected = [*args, "--power-steps", "all", "--power-tau", "0.2"]
+    assert measured["command"] == "python -m harness.calibrate " + " ".join(expected)
 
 
 @pytest.mark.parametrize("model", ["llama-8b"])

@@ -149,7 +149,8 @@ class SimModelEngine(ModelEngine):
         host_speed = 1.0 if timeline is None else timeline.scale_at(started)
         if power is None:
             return self.cost_model.predict_on_host(features, host_speed)
-        seconds = self.cost_model.predict_on_host(features, host_speed, power.scale_at(started))
+        device_speed = power.scale_at(started, is_decode=features.num_context_tokens == 0)
+        seconds = self.cost_model.predict_on_host(features, host_speed, device_speed)
         if seconds > 0:  # forward refuses any other
             power.observe(started, seconds, features.num_padded_tokens)
         return seconds

@@ -11,11 +11,21 @@ the profile's fit as the step's own size does.
 averaged exponentially over the last ``tau_s`` seconds (idle time counts as none)::
 
     rate    ___/```````\\____/````          rows/s of the steps, smoothed over tau_s
-    scale   base + slope * max(0, rate - threshold)   multiplies the step's device time
+    scale   base + slope * clip(rate - threshold, 0, saturation - threshold)
+                                             multiplies the step's device time
+
+            scale |          ________  saturation: at the cap, the clock stops falling
+                  |         /
+                  |________/           base: the clock of light work
+                  +--------------------- rate
 
 A step's scale is read from the rate at its start (the steps before it), then the step feeds
-the rate. ``PowerCap.fit`` finds the four numbers from real runs: each step's device time over
-the profile's device fit (``python -m harness.calibrate REAL... --profile P --power FILE``).
+the rate. With ``scales_decode`` False, decode-only steps keep their time: they read the
+weights and the KV from memory, and barely follow the SM clock (llama-8b on the H200: 1.01 of
+the fit at 1,950 MHz and at 1,600; steps with prompt tokens 0.90 and 1.00).
+
+``PowerCap.fit`` finds the numbers from real runs: each step's device time over the profile's
+device fit (``python -m harness.calibrate REAL... --profile P --power FILE``).
 ``PowerState`` is one run's rate, in the simulated engine.
 """
 
@@ -24,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,80 +56,128 @@ class PowerCap:
     threshold: float  # rows/s below which the work does not slow the device
     base: float  # the scale at or below the threshold
     slope: float  # the scale's rise per row/s above it
+    saturation: float = math.inf  # rows/s above which it rises no more
+    scales_decode: bool = True  # False: decode-only steps keep their time
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        for name in ("tau_s", "threshold", "base", "slope", "saturation"):
+            value = getattr(self, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            is_unbounded = name == "saturation" and value == math.inf
+            if not (is_number and (math.isfinite(value) or is_unbounded)):
                 raise ValueError(f"power cap: {name} must be a finite number, got {value!r}")
         if not (self.tau_s > 0 and self.base > 0 and self.threshold >= 0 and self.slope >= 0):
             raise ValueError(
                 f"power cap: needs tau_s > 0, base > 0, threshold >= 0, slope >= 0: {self}"
             )
+        if not self.saturation > self.threshold:
+            raise ValueError(f"power cap: needs saturation > threshold: {self}")
+        if not isinstance(self.scales_decode, bool):
+            raise ValueError(f"power cap: scales_decode must be true or false: {self}")
 
     def scale(self, rate: float) -> float:
         """The device-time scale at a recent work ``rate`` (rows/s)."""
-        return self.base + self.slope * max(0.0, rate - self.threshold)
+        if rate <= self.threshold:
+            return self.base
+        return self.base + self.slope * (min(rate, self.saturation) - self.threshold)
+
+    def scale_of_step(self, rate: float, is_decode: bool) -> float:
+        """The scale of a step at ``rate``: 1 for a decode-only step unless ``scales_decode``."""
+        return 1.0 if is_decode and not self.scales_decode else self.scale(rate)
 
     def state(self) -> PowerState:
         return PowerState(self)
 
     def scales_along(
-        self, start: Sequence[float], seconds: Sequence[float], rows: Sequence[float]
+        self,
+        start: Sequence[float],
+        seconds: Sequence[float],
+        rows: Sequence[float],
+        is_decode: Sequence[bool] | None = None,
     ) -> np.ndarray:
         """Each step's scale on a timeline of steps in time order (start, wall seconds, padded
-        rows): what a simulation with this cap reads, given those steps' times."""
-        return np.array([self.scale(r) for r in rates_along(self.tau_s, start, seconds, rows)])
+        rows, whether decode-only; None: none is): what a simulation with this cap reads, given
+        those steps' times."""
+        rates = rates_along(self.tau_s, start, seconds, rows)
+        decode = np.zeros(len(rates), bool) if is_decode is None else np.asarray(is_decode, bool)
+        return np.array(
+            [self.scale_of_step(r, d) for r, d in zip(rates.tolist(), decode.tolist(), strict=True)]
+        )
 
     @classmethod
-    def fit(cls, runs: Sequence[RunSteps], taus_s: Sequence[float] = TAUS_S) -> PowerCap:
+    def fit(
+        cls,
+        runs: Sequence[RunSteps],
+        taus_s: Sequence[float] = TAUS_S,
+        scales_decode: bool = True,
+    ) -> PowerCap:
         """Least squares of each device-bound step's measured over predicted device time on
-        the hinge of its rate, every step weighted by its predicted time (the seconds a queue
-        adds up), over every ``tau_s`` of ``taus_s`` and thresholds at the rates' 0, 5, ...,
-        95th percentiles; the best. The slope is kept at 0 or more (a flat fit otherwise:
-        ``cost_model._least_squares``'s rule for costs)."""
-        if not runs or not any(r.is_fitted.any() for r in runs):
+        the clipped hinge of its rate, every step weighted by its predicted time (the seconds a
+        queue adds up), over every ``tau_s`` of ``taus_s``, thresholds at the rates' 0, 5, ...,
+        95th percentiles and saturations at those above the threshold or none; the best. The
+        slope is kept at 0 or more (a flat fit otherwise: ``cost_model._least_squares``'s rule
+        for costs). ``scales_decode`` False: fitted to the steps with prompt tokens alone, and
+        decode-only steps keep their time."""
+        masks = [r.is_fitted & (True if scales_decode else ~r.decode_mask) for r in runs]
+        if not any(m.any() for m in masks):
             raise ValueError("power cap: no device-bound step with a device time to fit")
         best: tuple[float, PowerCap] | None = None
         for tau in taus_s:
-            rates = np.concatenate([r.rates(tau)[r.is_fitted] for r in runs])
-            ratio = np.concatenate([r.ratio[r.is_fitted] for r in runs])
-            weight = np.concatenate([r.predicted[r.is_fitted] for r in runs])
-            for threshold in np.unique(np.percentile(rates, np.arange(0, 100, 5))):
-                x = np.maximum(0.0, rates - threshold)
-                design = np.column_stack([np.ones_like(x), x])
-                base, slope = map(float, _least_squares(design, ratio, weight))
-                error = float(np.sum(weight * (ratio - base - slope * x) ** 2))
-                if best is None or error < best[0]:
-                    best = (error, cls(tau, float(threshold), base, slope))
+            rates = np.concatenate([r.rates(tau)[m] for r, m in zip(runs, masks, strict=True)])
+            ratio = np.concatenate([r.ratio[m] for r, m in zip(runs, masks, strict=True)])
+            weight = np.concatenate([r.predicted[m] for r, m in zip(runs, masks, strict=True)])
+            levels = np.unique(np.percentile(rates, np.arange(0, 100, 5)))
+            for threshold in levels:
+                for saturation in [*levels[levels > threshold], math.inf]:
+                    x = np.clip(rates - threshold, 0.0, saturation - threshold)
+                    design = np.column_stack([np.ones_like(x), x])
+                    base, slope = map(float, _least_squares(design, ratio, weight))
+                    error = float(np.sum(weight * (ratio - base - slope * x) ** 2))
+                    if best is None or error < best[0]:
+                        cap = cls(tau, float(threshold), base, slope, float(saturation))
+                        best = (error, replace(cap, scales_decode=scales_decode))
         return best[1]
 
     def explained(self, runs: Sequence[RunSteps]) -> float:
-        """The share of the steps' weighted variance of measured over predicted device time
-        that the cap explains (0: none; the fit's own figure of merit)."""
-        ratio = np.concatenate([r.ratio[r.is_fitted] for r in runs])
-        weight = np.concatenate([r.predicted[r.is_fitted] for r in runs])
-        scales = np.concatenate(
-            [np.array([self.scale(v) for v in r.rates(self.tau_s)])[r.is_fitted] for r in runs]
-        )
+        """The share of the weighted variance of measured over predicted device time, over the
+        steps the cap was fitted to, that it explains (0: none; the fit's figure of merit)."""
+        masks = [r.is_fitted & (True if self.scales_decode else ~r.decode_mask) for r in runs]
+        pairs = list(zip(runs, masks, strict=True))
+        ratio = np.concatenate([r.ratio[m] for r, m in pairs])
+        weight = np.concatenate([r.predicted[m] for r, m in pairs])
+        scales = np.concatenate([np.array([self.scale(v) for v in r.rates(self.tau_s)])[m]
+                                 for r, m in pairs])  # fmt: skip
         spread = np.sum(weight * (ratio - np.average(ratio, weights=weight)) ** 2)
         return float(1 - np.sum(weight * (ratio - scales) ** 2) / spread) if spread > 0 else 0.0
 
     def save(self, path: str | Path, measured: dict[str, Any] | None = None) -> None:
-        """JSON: the four numbers, and ``measured`` (what they were fitted to, and how)."""
-        data = {**asdict(self), "measured": measured or {}}
+        """JSON: the numbers (no saturation: null), and ``measured`` (what they were fitted
+        to, and how)."""
+        numbers = asdict(self) | {"saturation": _finite_or_none(self.saturation)}
+        data = {**numbers, "measured": measured or {}}
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> PowerCap:
+        """Read a cap; files written before ``saturation`` and ``scales_decode`` existed get
+        their defaults (none, and true)."""
         data = read_json_object(Path(path), "power cap")
+        optional = {"saturation": None, "scales_decode": True}
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise ValueError(f"{path}: power cap: missing {', '.join(missing)}")
+        values = {n: data.get(n, optional.get(n)) for n in names}
+        if values["saturation"] is None:
+            values["saturation"] = math.inf
         try:
-            return cls(**{n: data[n] for n in names})
+            return cls(**values)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class PowerState:
@@ -132,13 +190,13 @@ class PowerState:
         self.rate = 0.0
         self._last_end = 0.0
 
-    def scale_at(self, start: float) -> float:
-        """The device-time scale of a step starting at ``start``: the rate decays over any
-        idle time since the last step ended."""
+    def scale_at(self, start: float, is_decode: bool = False) -> float:
+        """The device-time scale of a step starting at ``start`` (decode-only or not): the
+        rate decays over any idle time since the last step ended."""
         if start > self._last_end:
             self.rate *= math.exp((self._last_end - start) / self.cap.tau_s)
             self._last_end = start
-        return self.cap.scale(self.rate)
+        return self.cap.scale_of_step(self.rate, is_decode)
 
     def observe(self, start: float, seconds: float, rows: int) -> None:
         """A step of ``rows`` padded rows ran from ``start`` for ``seconds``."""
@@ -159,6 +217,13 @@ class RunSteps:
     measured: np.ndarray
     predicted: np.ndarray
     is_fitted: np.ndarray  # bool
+    is_decode: np.ndarray | None = None  # bool: decode-only steps (None: none is)
+
+    @property
+    def decode_mask(self) -> np.ndarray:
+        if self.is_decode is None:
+            return np.zeros(len(self.start), bool)
+        return np.asarray(self.is_decode, bool)
 
     @property
     def ratio(self) -> np.ndarray:
