@@ -54,11 +54,12 @@ committed llama-8b profile once charged each decode of a mixed step for it, and
 under-predicted mixed steps of 17-128 decodes by 5-8% on every long-prompt workload. So the
 H200 llama-8b profile is calibrated in two passes, ``--kinds decode`` for the fast-clock runs
 and every kind for the capped ones, and the power cap fitted over all of them then models the
-fast clock (engine/sim/profiles/README.md)::
+fast clock: on steps with prompt tokens (``--power-steps``, by default), saturating at the
+cap's clock, averaged over ``--power-tau`` seconds (engine/sim/profiles/README.md)::
 
     python -m harness.calibrate FAST... --profile P --from-grid --kinds decode --out P2
     python -m harness.calibrate CAPPED... --profile P2 --out P2
-    python -m harness.calibrate FAST... CAPPED... --profile P2 --power P2.power.json
+    python -m harness.calibrate FAST... CAPPED... --profile P2 --power P2.power.json --power-tau 2
 """
 
 from __future__ import annotations
