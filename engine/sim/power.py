@@ -21,8 +21,9 @@ averaged exponentially over the last ``tau_s`` seconds (idle time counts as none
 
 A step's scale is read from the rate at its start (the steps before it), then the step feeds
 the rate. With ``scales_decode`` False, decode-only steps keep their time: they read the
-weights and the KV from memory, and barely follow the SM clock (llama-8b on the H200: 1.01 of
-the fit at 1,950 MHz and at 1,600; steps with prompt tokens 0.90 and 1.00).
+weights and the KV from memory, and do not follow the SM clock (llama-8b on the H200: about
+1.01 and 0.98 of the fit at 1,950 and 1,600 MHz, where its steps with prompt tokens ran at
+about 0.9 and 1.0).
 
 ``PowerCap.fit`` finds the numbers from real runs: each step's device time over the profile's
 device fit (``python -m harness.calibrate REAL... --profile P --power FILE``).
