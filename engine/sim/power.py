@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ class PowerCap:
         slope is kept at 0 or more (a flat fit otherwise: ``cost_model._least_squares``'s rule
         for costs). ``scales_decode`` False: fitted to the steps with prompt tokens alone, and
         decode-only steps keep their time."""
-        masks = [r.is_fitted & (True if scales_decode else ~r.decode_mask) for r in runs]
+        masks = [r.fitted_mask(scales_decode) for r in runs]
         if not any(m.any() for m in masks):
             raise ValueError("power cap: no device-bound step with a device time to fit")
         best: tuple[float, PowerCap] | None = None
@@ -135,19 +135,19 @@ class PowerCap:
                     base, slope = map(float, _least_squares(design, ratio, weight))
                     error = float(np.sum(weight * (ratio - base - slope * x) ** 2))
                     if best is None or error < best[0]:
-                        cap = cls(tau, float(threshold), base, slope, float(saturation))
-                        best = (error, replace(cap, scales_decode=scales_decode))
+                        found = (tau, float(threshold), base, slope, float(saturation))
+                        best = (error, cls(*found, scales_decode=scales_decode))
         return best[1]
 
     def explained(self, runs: Sequence[RunSteps]) -> float:
         """The share of the weighted variance of measured over predicted device time, over the
         steps the cap was fitted to, that it explains (0: none; the fit's figure of merit)."""
-        masks = [r.is_fitted & (True if self.scales_decode else ~r.decode_mask) for r in runs]
-        pairs = list(zip(runs, masks, strict=True))
+        pairs = [(r, r.fitted_mask(self.scales_decode)) for r in runs]
         ratio = np.concatenate([r.ratio[m] for r, m in pairs])
         weight = np.concatenate([r.predicted[m] for r, m in pairs])
-        scales = np.concatenate([np.array([self.scale(v) for v in r.rates(self.tau_s)])[m]
-                                 for r, m in pairs])  # fmt: skip
+        scales = np.concatenate(
+            [self.scales_along(r.start, r.seconds, r.rows, r.decode_mask)[m] for r, m in pairs]
+        )
         spread = np.sum(weight * (ratio - np.average(ratio, weights=weight)) ** 2)
         return float(1 - np.sum(weight * (ratio - scales) ** 2) / spread) if spread > 0 else 0.0
 
@@ -225,6 +225,11 @@ class RunSteps:
         if self.is_decode is None:
             return np.zeros(len(self.start), bool)
         return np.asarray(self.is_decode, bool)
+
+    def fitted_mask(self, scales_decode: bool) -> np.ndarray:
+        """The steps a cap is fitted to: ``is_fitted``, less the decode-only steps where the
+        cap leaves them alone."""
+        return self.is_fitted if scales_decode else self.is_fitted & ~self.decode_mask
 
     @property
     def ratio(self) -> np.ndarray:
