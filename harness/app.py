@@ -94,7 +94,7 @@ def release_gpu_cache() -> None:
 
 def sim_power_path(cfg: DictConfig, profile: Path) -> str | None:
     """The power cap a simulated run uses (``executor.sim_power``): ``auto`` is the file beside
-    its profile where there is one (not with the host pipeline, which does not simulate it)."""
+    its profile where there is one, with overlap scheduling (which the cap was fitted to)."""
     from engine.sim.profile import power_path
 
     value = cfg.executor.sim_power
@@ -102,7 +102,7 @@ def sim_power_path(cfg: DictConfig, profile: Path) -> str | None:
         return value
     path = power_path(profile)
     executor = cfg.executor
-    is_used = path.is_file() and executor.overlap_scheduler and not executor.sim_host_pipeline
+    is_used = path.is_file() and executor.overlap_scheduler
     return str(path) if is_used else None
 
 

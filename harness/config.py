@@ -87,11 +87,11 @@ class ExecutorConfig:
     sim_device_time_scale: float = 1.0
     # engine=sim with overlap: the GPU's power cap (engine.sim.PowerCap: its device time after
     # heavy work). auto: the file beside the profile (<profile>.power.json, as python -m
-    # harness.calibrate --power writes it) where there is one, and not with sim_host_pipeline;
-    # null: none; or a file.
+    # harness.calibrate --power writes it) where there is one; null: none; or a file.
     sim_power: str | None = "auto"
     # engine=sim with overlap: the host as a second stage beside the device, its time on the
-    # clock (engine.sim.engine), not the longer of the two a step; runs ~3.3x slower.
+    # clock (engine.sim.engine), not the longer of the two a step; runs the overlap loop
+    # step by step: the whole Azure trace 1.5x (llama-8b) to 2.5x (llama-1b) slower.
     sim_host_pipeline: bool = False
     # Real CUDA runs: sample the GPU's SM clock, power and temperature with nvidia-smi every
     # 100 ms (gpu_telemetry.csv; each step's clock and power in iterations.parquet, the run's

@@ -180,6 +180,21 @@ def test_a_flat_cap_is_a_device_time_scale_and_a_steep_one_slows_heavy_work():
     assert all(s[2] > p[2] for s, p in zip(steep, plain, strict=True))  # every finish later
 
 
+def test_the_host_pipeline_runs_under_a_power_cap():
+    """With the host as a stage of its own, a flat cap is a device time scale too, and a steep
+    one delays every finish."""
+    profile = split_profile()
+    piped = dict(sim_host_pipeline=True)
+    plain = finish_rows(profile, **piped)
+    assert finish_rows(profile, sim_power=PowerCap(0.2, 0.0, 1.0, 0.0), **piped) == plain
+    assert finish_rows(profile, sim_power=PowerCap(0.2, 0.0, 1.5, 0.0), **piped) == finish_rows(
+        profile, sim_device_time_scale=1.5, **piped
+    )
+    steep = finish_rows(profile, sim_power=PowerCap(0.2, 0.0, 1.0, 1e-3), **piped)
+    assert all(s[2] > p[2] for s, p in zip(steep, plain, strict=True))
+    assert steep != finish_rows(profile, sim_power=PowerCap(0.2, 0.0, 1.0, 1e-3))  # not the max
+
+
 def test_overlap_and_its_emulation_agree_under_a_power_cap():
     overlap, emulated = overlap_and_its_emulation(sim_power=PowerCap(0.05, 0.0, 1.0, 1e-3))
     assert emulated == overlap
@@ -192,8 +207,6 @@ def test_a_power_cap_is_refused_where_it_cannot_apply(tmp_path: Path):
         LLM("llama-tiny", device="cpu", sim_power=cap)
     with pytest.raises(ValueError, match="a power cap needs a HostDeviceCostModel"):
         LLM("llama-1b", engine="sim", cost_model=LinearCostModel(DECODE, MIXED), sim_power=cap)
-    with pytest.raises(ValueError, match="does not simulate a power cap"):
-        sim_llm(split_profile(), overlap_scheduler=True, sim_host_pipeline=True, sim_power=cap)
     with pytest.raises(FileNotFoundError):
         sim_llm(split_profile(), sim_power=tmp_path / "missing.json")
 
@@ -225,8 +238,16 @@ def test_the_harness_uses_the_cap_beside_its_profile_unless_told_otherwise(tmp_p
     off, info = run("off", "executor.sim_power=null")
     assert info["power"] is None
     pd.testing.assert_series_equal(off, without)
-    _, info = run("pipeline", "executor.sim_host_pipeline=true")
-    assert info["power"] is None  # the pipeline does not simulate it
+    piped, info = run("pipeline", "executor.sim_host_pipeline=true")
+    assert info["power"] == str(tmp_path / "p.power.json")  # the pipeline simulates it too
+    piped_scaled, _ = run(
+        "pipeline_scaled",
+        "executor.sim_host_pipeline=true",
+        "executor.sim_device_time_scale=2",
+        "executor.sim_power=null",
+    )
+    pd.testing.assert_series_equal(piped, piped_scaled)
+    assert not piped.equals(auto)
 
 
 # --- python -m harness.calibrate --power -----------------------------------------------------

@@ -35,7 +35,8 @@ With a ``host_timeline`` (``engine.sim.host_timeline``: a real run's host speed 
 an ``engine.sim.host_speeds.TwoSpeedHost`` drawn from two measured speeds) a step's host time is
 scaled by the timeline's scale at the second the step starts in, on top of
 ``HostDeviceCostModel.host_time_scale``. With a ``power`` cap (``engine.sim.power``) a step's
-device time is scaled by how heavy the device's work has been just before the step starts.
+device time is scaled by how heavy the device's work has been just before the step starts
+(with the pipeline: before the device starts it).
 
 A step's tokens are padded (``StepFeatures.num_padded_tokens``) to the graph buckets of the
 engine simulated, ``padding`` (``engine.sim.padding``): its GEMMs run on the bucket's rows.
@@ -99,8 +100,6 @@ class SimModelEngine(ModelEngine):
                 f"(Profile.cost_model(with_launch=True)), not {type(cost_model).__name__}"
             )
         check_host_device(cost_model, host_timeline=host_timeline, power=power)
-        if pipeline and power is not None:
-            raise ValueError("the host pipeline does not simulate a power cap")
         self.cost_model = cost_model
         self.host_timeline = host_timeline
         self.power = None if power is None else power.state()
@@ -157,7 +156,8 @@ class SimModelEngine(ModelEngine):
 
     def _pipelined(self, features: StepFeatures) -> float:
         """The host pipeline (module doc): the host's time passes on the clock, the device
-        runs the step once the host's work before the launches is done."""
+        runs the step once the host's work before the launches is done (at the power cap's
+        speed of that moment, where there is one)."""
         timeline = self.host_timeline
         speed = 1.0 if timeline is None else timeline.scale_at(self.clock.now())
         phases = self.cost_model.phases(features, speed)
@@ -168,7 +168,12 @@ class SimModelEngine(ModelEngine):
             )
         now = self.clock.now()
         began = max(now + phases.before_launch, self.device_free_at)
-        ended = max(began + phases.device, now + phases.host)
+        device = phases.device
+        if self.power is not None:
+            device *= self.power.scale_at(began, is_decode=features.num_context_tokens == 0)
+        ended = max(began + device, now + phases.host)
+        if self.power is not None:  # the device's slot feeds the rate, as a real step's does
+            self.power.observe(began, ended - began, features.num_padded_tokens)
         self.device_free_at = ended
         self.clock.advance(phases.host)
         return ended
