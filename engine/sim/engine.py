@@ -148,7 +148,7 @@ class SimModelEngine(ModelEngine):
         host_speed = 1.0 if timeline is None else timeline.scale_at(started)
         if power is None:
             return self.cost_model.predict_on_host(features, host_speed)
-        device_speed = power.scale_at(started, is_decode=features.num_context_tokens == 0)
+        device_speed = power.scale_at(started, is_decode=features.is_decode_only)
         seconds = self.cost_model.predict_on_host(features, host_speed, device_speed)
         if seconds > 0:  # forward refuses any other
             power.observe(started, seconds, features.num_padded_tokens)
@@ -170,7 +170,7 @@ class SimModelEngine(ModelEngine):
         began = max(now + phases.before_launch, self.device_free_at)
         device = phases.device
         if self.power is not None:
-            device *= self.power.scale_at(began, is_decode=features.num_context_tokens == 0)
+            device *= self.power.scale_at(began, is_decode=features.is_decode_only)
         ended = max(began + device, now + phases.host)
         if self.power is not None:  # the device's slot feeds the rate, as a real step's does
             self.power.observe(began, ended - began, features.num_padded_tokens)
