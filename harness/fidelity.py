@@ -9,7 +9,9 @@ their overrides, ignoring ``executor.*`` and ``output_root`` (the keys that pick
 For each matched pair and each metric (P50/P90/P99 of TTFT, TPOT and E2E latency; output and
 request throughput) it reports the relative error ``(sim - real) / real`` and whether it is
 within the target (5% for latencies, 3% for throughputs), prints the table, and writes
-``fidelity.csv`` and ``fidelity.png`` (errors per metric, targets shaded) under ``--out``.
+``fidelity.csv`` and ``fidelity.png`` (errors per metric, targets shaded) under ``--out``, with
+``latency_cdf.png``: each variant's TTFT, TPOT and E2E latency over its requests, real and
+simulated (``plot_distributions``: which requests a percentile's error comes from).
 
 ``--profile PROFILE`` also checks the cost model step by step: every step of the real runs
 (``iterations.parquet`` holds each step's work as the cost model sees it) is predicted from the
@@ -78,6 +80,7 @@ TARGETS = {**dict.fromkeys(LATENCY_METRICS, 0.05), **dict.fromkeys(THROUGHPUT_ME
 # The per-request latency each percentile metric is taken over (``with_ranks``).
 RANKED = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2el_ms"}
 RANK_CLOSE = 2.0  # percentile points: a miss in value this close in rank is named (main)
+MAX_DISTRIBUTIONS = 8  # variants drawn in latency_cdf.png (plot_distributions)
 # Overrides that choose how a run executes, not what it runs: ignored when pairing runs.
 ENGINE_KEYS = ("executor.", "output_root", "hydra.", "progress", "plots")
 
@@ -98,10 +101,10 @@ def run_summaries(path: Path) -> dict[str, dict]:
     return summaries
 
 
-def real_latencies(paths: list[Path]) -> dict[str, pd.DataFrame]:
+def request_latencies(paths: list[Path]) -> dict[str, pd.DataFrame]:
     """{variant key: the completed requests' ``ttft_ms``, ``tpot_ms`` and ``e2el_ms``} of the ok
     runs under ``paths``, repeats of a variant pooled: the real distributions a simulated
-    percentile is ranked in (``with_ranks``)."""
+    percentile is ranked in (``with_ranks``), and either side of ``plot_distributions``."""
     from engine.request import RequestState
     from harness.results import RunResult, load
 
@@ -118,7 +121,7 @@ def real_latencies(paths: list[Path]) -> dict[str, pd.DataFrame]:
 
 def with_ranks(table: pd.DataFrame, latencies: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """``table`` (``compare``) with ``rank_error``: where each simulated latency percentile
-    falls among the real requests (``real_latencies``), in percentile points against its own
+    falls among the real requests (``request_latencies``), in percentile points against its own
     (TTFT P50 simulated at the real runs' 46th percentile: -4). Where few real requests lie
     between two percentiles, a large relative error is a small rank error::
 
@@ -523,6 +526,55 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_distributions(
+    real: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], path: Path
+) -> None:
+    """Each variant's TTFT, TPOT and E2E latency over its requests, real and simulated, as
+    cumulative shares (``request_latencies`` of each side; a row per variant both have, at most
+    ``MAX_DISTRIBUTIONS``). Where the percentiles differ, this says which requests do: a curve
+    moved as a whole is a step time, a knee moved is the queue."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in real if v in sim][:MAX_DISTRIBUTIONS]
+    if not variants:
+        return
+    fig, axes = plt.subplots(
+        len(variants), len(RANKED), figsize=(4 * len(RANKED), 2.6 * len(variants)), squeeze=False
+    )
+    names = short_names(variants) if len(variants) > 1 else [""]  # one: nothing to tell apart
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    for row, variant in enumerate(variants):
+        for col, (name, column) in enumerate(RANKED.items()):
+            ax = axes[row, col]
+            for side, frames, style in (("real", real, "-"), ("sim", sim, "--")):
+                values = np.sort(frames[variant][column].dropna().to_numpy(dtype=float))
+                if len(values):
+                    shares = np.arange(1, len(values) + 1) / len(values)
+                    ax.step(values, shares, style, where="post", label=side)
+            if ax.has_data():
+                ax.set_xscale("log")  # latencies span decades (a TTFT from ms to a queue's s)
+                low, high = ax.get_xlim()
+                ax.xaxis.set_major_formatter(plain)  # 20, not 2x10^1
+                ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+                is_wide = high > 100 * low  # 2 and 5 of each decade would crowd it
+                ax.xaxis.set_minor_formatter(
+                    matplotlib.ticker.NullFormatter() if is_wide else plain
+                )
+            ax.set_xlabel(f"{name} (ms)")
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(f"{names[row]}\nshare of requests".strip(), fontsize="small")
+    axes[0, -1].legend(fontsize="small", loc="lower right")
+    fig.suptitle("Latency distributions, real (solid) and simulated (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def effect_names(table: pd.DataFrame) -> dict[str, str]:
     """``effects``' variants and baseline, each named by the overrides that set it apart."""
     variants = list(dict.fromkeys([table["baseline"].iloc[0], *table["variant"]]))
@@ -597,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(reals) > 1:
             real, spread = median_summaries(summaries)
         simulated = run_summaries(sim)
-        table = with_ranks(compare(real, simulated), real_latencies(reals))
+        latencies = request_latencies(reals)
+        table = with_ranks(compare(real, simulated), latencies)
+        simulated_latencies = request_latencies([sim])
         comparison = effects(summaries, simulated, args.baseline)
         if spread is not None:
             table = with_real_range(table, spread)
@@ -615,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "fidelity.csv", index=False)
     plot(table, out / "fidelity.png")
+    plot_distributions(latencies, simulated_latencies, out / "latency_cdf.png")
     percent = ("relative_error", "real_spread", "real_low", "real_high")
     shown = table.assign(
         **{c: (100 * table[c]).round(2).astype(str) + "%" for c in percent if c in table},
@@ -623,7 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(shown.to_string(index=False))
     within = int(table["within_target"].sum())
-    print(f"\n{within}/{len(table)} within target; wrote {out / 'fidelity.csv'} and fidelity.png")
+    print(
+        f"\n{within}/{len(table)} within target; wrote {out / 'fidelity.csv'}, fidelity.png and "
+        "latency_cdf.png (each variant's latencies, real and simulated)"
+    )
     steep = table[~table["within_target"] & (table["rank_error"].abs() <= RANK_CLOSE)]
     if len(steep):
         names = ", ".join(m.removesuffix("_ms") for m in dict.fromkeys(steep["metric"]))

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -17,7 +18,8 @@ from harness.fidelity import (
     effects,
     main,
     median_summaries,
-    real_latencies,
+    plot_distributions,
+    request_latencies,
     with_ranks,
     with_real_range,
     with_spread,
@@ -145,6 +147,23 @@ def sim_run(tmp_path: Path) -> tuple[Path, Path]:
     return only_dir(out / "default"), profile
 
 
+def test_latency_distributions_are_drawn_for_the_variants_both_sides_have(tmp_path: Path):
+    rng = np.random.default_rng(0)
+
+    def requests(n: int, tpot: bool = True) -> pd.DataFrame:
+        return pd.DataFrame({"ttft_ms": rng.uniform(5, 500, n),
+                             "tpot_ms": rng.uniform(1, 9, n) if tpot else np.nan,
+                             "e2el_ms": rng.uniform(50, 5000, n)})  # fmt: skip
+
+    path = tmp_path / "cdf.png"
+    plot_distributions({"a": requests(50)}, {"b": requests(50)}, path)
+    assert not path.exists()  # no variant on both sides: nothing to draw
+    # One-token outputs have no TPOT: an empty panel, not an error.
+    real, sim = {"a": requests(50), "b": requests(9)}, {"a": requests(40, tpot=False)}
+    plot_distributions(real, sim, path)
+    assert path.stat().st_size > 0
+
+
 def test_cli_on_result_directories(tmp_path: Path):
     run, _ = sim_run(tmp_path)
     report = tmp_path / "report"
@@ -152,12 +171,13 @@ def test_cli_on_result_directories(tmp_path: Path):
     table = pd.read_csv(report / "fidelity.csv")
     assert len(table) == len(TARGETS) and (table["relative_error"] == 0).all()
     # A run against itself: each percentile ranks at itself, to one request's share
-    ((variant, requests),) = real_latencies([run]).items()
+    ((variant, requests),) = request_latencies([run]).items()
     latency = table[table["metric"].str.endswith("_ms")]
     assert latency["rank_error"].abs().max() <= 100 / requests["ttft_ms"].count()
     assert table[~table["metric"].str.endswith("_ms")]["rank_error"].isna().all()
-    assert len(real_latencies([run, run])[variant]) == 2 * len(requests)  # repeats pooled
+    assert len(request_latencies([run, run])[variant]) == 2 * len(requests)  # repeats pooled
     assert (report / "fidelity.png").stat().st_size > 0
+    assert (report / "latency_cdf.png").stat().st_size > 0
     assert main([str(tmp_path / "missing"), str(run)]) == 2
     assert main([str(run), str(run), "--out", str(report), "--spread", str(run)]) == 0
     assert (pd.read_csv(report / "fidelity.csv")["real_spread"] == 0).all()
