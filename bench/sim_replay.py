@@ -16,11 +16,13 @@ the same workload is then simulated three ways and compared with that run alone
 The lent GPUs' hosts switch between two speeds within a run, and their GPUs run a percent or
 two apart (docs/performance.md, "A host of two speeds"): the first row mixes the cost model's
 error with those, the last is what is left of the model's own. Writes ``DIR/replay.csv`` (a row
-per run and way: the issue's 7 targets met, and each metric's error) and prints it; the
-simulations and their fidelity tables are under ``DIR/<i>/``. The profile defaults to the
-committed one of the run's model (``engine/sim/profiles/h200/<model>.overlap.json``); ``--set``
-adds an override to every simulation (``--set executor.sim_host_pipeline=true``: the host as a
-pipeline stage). ``--default-only`` simulates the first way alone: the default simulation
+per run and way: the issue's 7 targets met, each metric's error, and the simulation it was
+compared with) and prints it; the simulations and their fidelity tables are under ``DIR/<i>/``.
+The simulator is deterministic, so runs of the same workload (repeats, or the same experiment
+on other days) share one default simulation, made under the first of them. The profile defaults
+to the committed one of the run's model (``engine/sim/profiles/h200/<model>.overlap.json``);
+``--set`` adds an override to every simulation (``--set executor.sim_host_pipeline=true``: the
+host as a pipeline stage). ``--default-only`` simulates the first way alone: the default simulation
 against every run given, with the targets met in total (how docs/performance.md counts "the
 default simulation against every real run we have").
 """
@@ -96,6 +98,8 @@ def replay(
 ) -> pd.DataFrame:
     rows = []
     runs = [run for path in reals for run in runs_under(path)]
+    # The simulator is deterministic: runs of one workload share their default simulation.
+    simulated: dict[tuple[str, ...], Path] = {}
     for i, run in enumerate(runs):
         if not is_overlap_run(run):
             raise ValueError(f"{run.path}: not an overlap run (no host and device times apart)")
@@ -121,9 +125,15 @@ def replay(
                 device = f"executor.sim_device_time_scale={device_scale:.4f}"
                 ways["timeline, device"] = [replayed, device]
         for j, (way, settings) in enumerate(ways.items()):
-            sim = simulate(overrides + settings, here / f"sim-{j}")
+            key = (*overrides, *settings)
+            if key not in simulated:
+                simulated[key] = simulate(list(key), here / f"sim-{j}")
+            sim = simulated[key]
             row = fidelity_row(run.path, sim, here / f"fidelity-{j}")
-            rows.append({"run": str(run.path), "way": way, "device_scale": device_scale, **row})
+            rows.append(
+                {"run": str(run.path), "way": way, "device_scale": device_scale, **row,
+                 "sim": str(sim)}
+            )  # fmt: skip
     table = pd.DataFrame(rows)
     table.to_csv(out / "replay.csv", index=False)
     return table
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    shown = table.assign(run=table.run.str[-40:])
+    shown = table.assign(run=table.run.str[-40:]).drop(columns="sim")
     percent = [c for c in shown.columns if c not in ("run", "way", "within", "device_scale")]
     shown[percent] = (100 * shown[percent]).round(1)
     print(shown.to_string(index=False))

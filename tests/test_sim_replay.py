@@ -25,18 +25,21 @@ def test_a_real_run_is_replayed_on_its_own_host_and_device(tmp_path: Path):
     iterations.assign(device_time=0.5 * iterations.host_time).to_parquet(run / "iterations.parquet")
     out = tmp_path / "replay"
     extra = ["executor.sim_host_time_scale=1.5"]  # --set: added to every way
-    # The same run twice: the second is replayed as the first, nothing carried over.
+    # The same run twice: the second is replayed as the first, its own host measured again;
+    # the default simulation, the same for both, is made once.
     table = replay([str(run), str(run)], out, str(tmp_path / "p.json"), extra)
     assert table.way.tolist() == ["default", "host timeline", "timeline, device"] * 2
     assert table.within.str.fullmatch(r"[0-7]/7").all()
     assert (out / "replay.csv").is_file()
     timeline = HostTimeline.load(out / "0" / "host_timeline.csv")
     assert len(timeline.scales) >= 1
+    assert table.sim[0] == table.sim[3] and not (out / "1" / "sim-0").exists()
+    assert table.sim[1] != table.sim[4]  # each run's own host timeline
     # Each way's simulation ran with what it names, on the run's workload.
     for i in range(2):
         settings = []
         for j in range(3):
-            (requests,) = (out / str(i) / f"sim-{j}").rglob("requests.parquet")
+            (requests,) = Path(table.sim[3 * i + j]).parent.rglob("requests.parquet")
             cfg = yaml.safe_load((requests.parent / "config.yaml").read_text())
             assert cfg["model"]["name"] == "llama-tiny" and cfg["executor"]["engine"] == "sim"
             assert cfg["workload"]["max_requests"] == 8
@@ -61,7 +64,9 @@ def test_the_default_way_alone_counts_the_targets_met(tmp_path: Path, capsys):
     table = pd.read_csv(out / "replay.csv")
     assert table.way.tolist() == ["default", "default"] and table.device_scale.isna().all()
     assert not (out / "0" / "host_timeline.csv").exists()
-    assert [len(list((out / str(i)).rglob("requests.parquet"))) for i in range(2)] == [1, 1]
+    # One simulation for both: a deterministic simulator gives the same workload the same run.
+    assert [len(list((out / str(i)).rglob("requests.parquet"))) for i in range(2)] == [1, 0]
+    assert table.sim.nunique() == 1 and table.within.nunique() == 1
     (met,) = targets_met(table).values()
     assert met == sum(int(w.split("/")[0]) for w in table.within)
     assert f"default: {met} of 14 targets met" in capsys.readouterr().out
