@@ -130,10 +130,8 @@ def replay(
                 simulated[key] = simulate(list(key), here / f"sim-{j}")
             sim = simulated[key]
             row = fidelity_row(run.path, sim, here / f"fidelity-{j}")
-            rows.append(
-                {"run": str(run.path), "way": way, "device_scale": device_scale, **row,
-                 "sim": str(sim)}
-            )  # fmt: skip
+            run_way = {"run": str(run.path), "way": way, "device_scale": device_scale}
+            rows.append({**run_way, **row, "sim": str(sim)})
     table = pd.DataFrame(rows)
     table.to_csv(out / "replay.csv", index=False)
     return table
