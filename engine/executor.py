@@ -309,6 +309,8 @@ class PyExecutor:
             launched.host_time = time.perf_counter() - wall_start - waited
         self._in_flight = launched
         self.clock.tick()
+        if self.decode_run is not None and launched is not None:
+            self.decode_run(self, launched.batch)
         return stats
 
     def _launch(

@@ -29,6 +29,7 @@ from engine.resource_manager import ResourceManager
 from engine.scheduler import Scheduler
 from engine.sim.engine import SimDecoder
 from engine.sim.fast_forward import fast_forward_decodes, is_steady
+from engine.sim.fast_forward_overlap import fast_forward_overlap
 from engine.sim.padding import StepPadding
 from policies import registry
 
@@ -156,8 +157,8 @@ class LLM:
     times are the device's, where plain runs' include the host's. ``sim_host_pipeline``
     (overlap only, a profile with host and device times apart): the host as a second stage
     beside the device, its time on the clock (``engine.sim.engine``), where a step otherwise
-    costs the longer of the two, with ``sim_power`` too; it runs the overlap loop without
-    fast-forwarding (the whole Azure trace 1.5x to 2.5x slower).
+    costs the longer of the two, with ``sim_power`` too; it runs the overlap loop, which
+    ``sim_fast_forward`` fast-forwards too (``engine.sim.fast_forward_overlap``).
     """
 
     def __init__(
@@ -243,16 +244,16 @@ class LLM:
                 seed,
                 sim_power,
             )
-            # The pipeline's clock moves inside a step: the plain loop cannot emulate it.
-            sim_fast_forward = sim_fast_forward and not sim_host_pipeline
         else:
             self._init_torch(model, device, dtype, seed, attention_backend)
             self._build_graphs(
                 enforce_eager, cuda_graph_batch_sizes, piecewise_cuda_graphs, piecewise_token_sizes
             )
             decoder, clock = Decoder(seed), clock or WallClock()
-        # The simulator fast-forwards only the plain loop: there it emulates overlap (exactly).
+        # The simulator emulates overlap with the plain loop, where it fast-forwards faster
+        # (exactly); the pipeline's clock moves inside a step, so it runs the overlap loop.
         lagged = overlap_scheduler and engine == "sim" and sim_fast_forward
+        lagged = lagged and not sim_host_pipeline
         self.executor = PyExecutor(
             self.model_engine,
             decoder,
@@ -264,7 +265,9 @@ class LLM:
             lagged_admission=lagged,
         )
         if engine == "sim" and sim_fast_forward and is_steady(self.executor):
-            self.executor.decode_run = fast_forward_decodes
+            overlap_loop = self.executor.overlap
+            decode_run = fast_forward_overlap if overlap_loop else fast_forward_decodes
+            self.executor.decode_run = decode_run
         self._next_request_id = 0
 
     def _init_torch(self, model, device, dtype, seed, attention_backend) -> None:

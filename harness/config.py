@@ -90,8 +90,9 @@ class ExecutorConfig:
     # harness.calibrate --power writes it) where there is one; null: none; or a file.
     sim_power: str | None = "auto"
     # engine=sim with overlap: the host as a second stage beside the device, its time on the
-    # clock (engine.sim.engine), not the longer of the two a step; runs the overlap loop
-    # step by step: the whole Azure trace 1.5x (llama-8b) to 2.5x (llama-1b) slower.
+    # clock (engine.sim.engine), not the longer of the two a step; runs the overlap loop, its
+    # repeated decode steps fast-forwarded (engine.sim.fast_forward_overlap): the whole Azure
+    # trace 1.2x slower than the default.
     sim_host_pipeline: bool = False
     # Real CUDA runs: sample the GPU's SM clock, power and temperature with nvidia-smi every
     # 100 ms (gpu_telemetry.csv; each step's clock and power in iterations.parquet, the run's

@@ -1048,3 +1048,94 @@ def test_the_harness_runs_the_host_pipeline_its_config_names(tmp_path: Path):
         run = simulate_split_profile(tmp_path, f"executor.sim_host_pipeline={pipeline}")
         ttft[pipeline] = pd.read_parquet(run / "requests.parquet").ttft_ms.median()
     assert ttft["true"] - ttft["false"] == pytest.approx(3.0, rel=0.05)
+
+
+_PIPELINE_MODEL: list = []
+
+
+def pipeline_model():
+    """``split_profile``'s cost model with its launch fit (made once: the fit costs time)."""
+    if not _PIPELINE_MODEL:
+        _PIPELINE_MODEL.append(split_profile().cost_model(with_launch=True))
+    return _PIPELINE_MODEL[0]
+
+
+def finished_token_times(llm: LLM) -> list[tuple]:
+    """Every request's token ids and the time of each token, by request id."""
+    return sorted(
+        (r.request_id, tuple(r.output_token_ids), tuple(r.token_times))
+        for r in llm.executor.finished_requests
+    )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=sim_cases(), variant=st.sampled_from(["pipeline", "power cap", "host timeline", "max"]))
+def test_the_overlap_loops_fast_forward_changes_nothing(case, variant):
+    """``fast_forward_overlap`` gives what stepping the overlap loop gives: every token's time,
+    every iteration row (host-time columns aside), the KV blocks. With the host pipeline (its
+    power cap and host timeline too), and without it (``max``: the step costs the longer of
+    the host's and the device's times; there the simulator runs the lagged plain loop, so the
+    overlap loop's fast-forward is set by hand)."""
+    from engine.sim import HostTimeline, PowerCap
+    from engine.sim.fast_forward_overlap import fast_forward_overlap
+
+    prompts, params, arrivals, config = case_workload(case)
+    extra = {
+        "pipeline": dict(sim_host_pipeline=True),
+        "power cap": dict(
+            sim_host_pipeline=True,
+            sim_power=PowerCap(tau_s=0.05, threshold=100.0, base=1.0, slope=2e-3),
+        ),
+        "host timeline": dict(
+            sim_host_pipeline=True,
+            sim_host_timeline=HostTimeline((0.0, 0.05, 0.2), (1.0, 2.5, 0.7)),
+        ),
+        "max": dict(),
+    }[variant]
+    runs = []
+    for fast in (False, True):
+        llm = LLM(
+            "llama-1b",
+            engine="sim",
+            cost_model=pipeline_model(),
+            overlap_scheduler=True,
+            sim_fast_forward=fast and variant != "max",
+            **extra,
+            **config,
+        )
+        executor = llm.executor
+        assert executor.overlap
+        if fast and variant == "max":
+            executor.decode_run = fast_forward_overlap
+        assert (executor.decode_run is fast_forward_overlap) == fast
+        outputs = llm.generate(prompts, params, arrival_times=arrivals)
+        llm.kv_cache_manager.check_integrity()
+        assert llm.kv_cache_manager.num_free_blocks == llm.kv_cache_manager.num_blocks
+        runs.append((request_rows(outputs), stats_rows(llm), finished_token_times(llm)))
+    assert runs[1] == runs[0]
+
+
+def test_the_pipeline_fast_forwards_most_steps_of_a_light_load():
+    """The point of it: with the host pipeline too, a light load is mostly repeated decode
+    steps, and the overlap loop's fast-forward launches most of them."""
+    prompts = [p[:100] for p in reference_prompts(40, vocab=250)]
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+    llm = LLM(
+        "llama-1b",
+        engine="sim",
+        cost_model=pipeline_model(),
+        overlap_scheduler=True,
+        sim_host_pipeline=True,
+        kv_cache_manager=dict(max_tokens=8192),
+    )
+    calls = []
+    run = llm.executor.decode_run
+
+    def counting(executor, batch):
+        calls.append(run(executor, batch))
+        return calls[-1]
+
+    llm.executor.decode_run = counting
+    outputs = llm.generate(prompts, params, arrival_times=[0.5 * i for i in range(40)])
+    assert all(len(o.token_ids) == 100 for o in outputs)
+    assert sum(calls) > 0.8 * len(llm.executor.iteration_stats)

@@ -9,7 +9,8 @@ engine.py      SimModelEngine, SimDecoder
 host_timeline.py  HostTimeline: a real run's host speed over time, replayed
 host_speeds.py   HostSpeeds, TwoSpeedHost: a simulated host that switches between two speeds
 power.py       PowerCap: a device that slows down while its recent work has been heavy
-fast_forward.py  runs of identical decode steps advanced in one go
+fast_forward.py  runs of identical decode steps advanced in one go (the plain loop)
+fast_forward_overlap.py  the same in the overlap loop (the host pipeline)
 """
 
 from engine.sim.cost_model import (

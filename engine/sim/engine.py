@@ -131,6 +131,11 @@ class SimModelEngine(ModelEngine):
         """Queue the step on the virtual device; returns the virtual time its tokens are ready
         (what ``SimDecoder`` reads in place of logits)."""
         self._features = features = StepFeatures.of(batch, self.padding)
+        return self.queue(features)
+
+    def queue(self, features: StepFeatures) -> float:
+        """Queue a step of ``features`` on the virtual device; returns the virtual time its
+        tokens are ready (``fast_forward_overlap`` calls it for the steps it replays)."""
         if self.pipeline:
             return self._pipelined(features)
         seconds = self.predict(features)

@@ -27,6 +27,7 @@ from engine.sim.engine import PLACEHOLDER_TOKEN
 
 if TYPE_CHECKING:
     from engine.executor import PyExecutor
+    from engine.kv_cache import KVCacheStats
     from engine.scheduler import SchedulerOutput
 
 
@@ -43,78 +44,61 @@ def is_steady(executor: PyExecutor) -> bool:
     )
 
 
-def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
-    """After a normal step of ``batch``, advance the steps that would repeat it; returns how
-    many. Call only when ``is_steady(executor)`` and the engine is a ``SimModelEngine``."""
-    requests = batch.generation_requests
-    if (
-        batch.context_requests
-        or batch.paused_requests
-        or not requests
-        or len(requests) != len(executor.active_requests)
-    ):
-        return 0
-    # The soonest finish runs as a normal step (finishing, freeing).
-    max_steps = min(r.sampling_params.max_new_tokens - r.num_output_tokens for r in requests) - 1
-    if max_steps <= 0:
-        return 0
-    clock = executor.clock
-    next_arrival = executor._arrivals[0][0] if executor._arrivals else float("inf")
-    kv = executor.kv_cache_manager
-    tpb = kv.tokens_per_block
+def block_events(
+    num_computed: list[int], num_steps: int, tokens_per_block: int
+) -> tuple[list[int], bytearray]:
+    """The KV manager's events over ``num_steps`` decode steps of requests whose
+    ``num_computed_tokens`` are ``num_computed`` at the first: per step, how many blocks it
+    allocates (a request's input token, at position num_computed + i, starts a block) and
+    whether it fills one (the step computes a block's last token: prefix-cache registration).
+    Every other step leaves the KV manager as it was."""
+    tpb = tokens_per_block
+    new_blocks = [0] * num_steps
+    fills = bytearray(num_steps)
+    for base in num_computed:
+        for i in range(-base % tpb, num_steps, tpb):
+            new_blocks[i] += 1
+        for i in range((-base - 1) % tpb, num_steps, tpb):
+            fills[i] = 1
+    return new_blocks, fills
 
-    # Event steps: some request's token (at position num_tokens - 1 when scheduled) starts a
-    # block (num_tokens % tpb == 1) or its step fills one (num_tokens % tpb == 0).
-    is_event = bytearray(max_steps)
-    new_blocks = [0] * max_steps  # blocks allocated at each step, to stay within the free ones
-    starts_block = 1 % tpb  # with one token a block, every token starts (and fills) one
-    for request in requests:
-        start = request.num_tokens
-        for residue in {0, starts_block}:
-            for j in range((residue - start) % tpb, max_steps, tpb):
-                is_event[j] = 1
-                if residue == starts_block:
-                    new_blocks[j] += 1
-    num_free = kv.num_free_blocks
 
-    num_seqs = len(requests)
-    kv_tokens = sum(r.num_tokens for r in requests)
-    max_kv = max(r.num_tokens for r in requests)  # each request grows by one token a step
-    engine = executor.model_engine
-    predict = engine.predict  # the cost model's, on the host's timeline if it has one
-    num_padded = engine.padding.padded(num_seqs, is_decode_only=True)
-    pending_times: list[float] = []  # token times not yet applied to the requests
-    # Rows since the KV stats last changed, written to the log in one go (all their other
-    # columns are the same).
-    row_iterations: list[int] = []
-    row_times: list[float] = []
-    row_latencies: list[float] = []
-    row_kv_tokens: list[int] = []
-    row_max_kv: list[int] = []
-    stats = kv.get_kv_cache_stats()
+class RunRows:
+    """The iteration rows of a run of repeated decode steps, buffered and written to the log
+    in one go (``IterationLog.append_run``). Rows differ only in their times and KV counts;
+    the KV manager's stats they show are the ones given to ``flush``, so flush before each
+    event changes them. Host-time columns are 0: no host time was spent on these steps."""
 
-    def apply_tokens() -> None:
-        if not pending_times:
+    def __init__(self, executor: PyExecutor, num_seqs: int, num_padded_tokens: int):
+        self.executor = executor
+        self.num_seqs = num_seqs
+        self.num_padded_tokens = num_padded_tokens
+        self.iterations: list[int] = []
+        self.times: list[float] = []
+        self.latencies: list[float] = []
+        self.kv_tokens: list[int] = []
+        self.max_kv: list[int] = []
+
+    def add(self, start: float, latency: float, kv_tokens: int, max_kv: int) -> None:
+        self.iterations.append(self.executor._num_iterations)
+        self.executor._num_iterations += 1
+        self.times.append(start)
+        self.latencies.append(latency)
+        self.kv_tokens.append(kv_tokens)
+        self.max_kv.append(max_kv)
+
+    def flush(self, stats: KVCacheStats) -> None:
+        if not self.times:
             return
-        count = len(pending_times)
-        tokens = [PLACEHOLDER_TOKEN] * count
-        for request in requests:
-            request.output_token_ids += tokens
-            request.token_times += pending_times
-            request.num_computed_tokens += count
-        pending_times.clear()
-
-    def write_rows() -> None:
-        if not row_times:
-            return
-        executor.iteration_stats.append_run(
-            len(row_times),
+        num_seqs = self.num_seqs
+        self.executor.iteration_stats.append_run(
+            len(self.times),
             {
-                "iteration": row_iterations,
-                "time": row_times,
-                "step_latency": row_latencies,
-                "decode_kv_tokens": row_kv_tokens,
-                "max_decode_kv": row_max_kv,
+                "iteration": self.iterations,
+                "time": self.times,
+                "step_latency": self.latencies,
+                "decode_kv_tokens": self.kv_tokens,
+                "max_decode_kv": self.max_kv,
             },
             {
                 "scheduling_time": 0.0,
@@ -136,17 +120,67 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
                 "num_waiting_paused_requests": 0,
                 "input_prep_time": 0.0,
                 "context_attention": 0.0,
-                "num_padded_tokens": num_padded,
+                "num_padded_tokens": self.num_padded_tokens,
                 "forward_enqueue_time": 0.0,
                 "host_time": 0.0,
                 "device_time": float("nan"),
             },
         )
-        row_iterations.clear()
-        row_times.clear()
-        row_latencies.clear()
-        row_kv_tokens.clear()
-        row_max_kv.clear()
+        self.iterations = []
+        self.times = []
+        self.latencies = []
+        self.kv_tokens = []
+        self.max_kv = []
+
+
+def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
+    """After a normal step of ``batch``, advance the steps that would repeat it; returns how
+    many. Call only when ``is_steady(executor)`` and the engine is a ``SimModelEngine``, in the
+    plain loop (the overlap loop's is ``fast_forward_overlap``)."""
+    if executor.overlap:
+        raise ValueError("fast_forward_decodes runs the plain loop; use fast_forward_overlap")
+    requests = batch.generation_requests
+    if (
+        batch.context_requests
+        or batch.paused_requests
+        or not requests
+        or len(requests) != len(executor.active_requests)
+    ):
+        return 0
+    # The soonest finish runs as a normal step (finishing, freeing).
+    max_steps = min(r.sampling_params.max_new_tokens - r.num_output_tokens for r in requests) - 1
+    if max_steps <= 0:
+        return 0
+    clock = executor.clock
+    next_arrival = executor._arrivals[0][0] if executor._arrivals else float("inf")
+    kv = executor.kv_cache_manager
+    # A decode's input token is its last: num_computed_tokens = num_tokens - 1.
+    new_blocks, fills = block_events(
+        [r.num_tokens - 1 for r in requests], max_steps, kv.tokens_per_block
+    )
+    num_free = kv.num_free_blocks
+
+    num_seqs = len(requests)
+    kv_tokens = sum(r.num_tokens for r in requests)
+    max_kv = max(r.num_tokens for r in requests)  # each request grows by one token a step
+    engine = executor.model_engine
+    predict = engine.predict  # the cost model's, on the host's timeline if it has one
+    num_padded = engine.padding.padded(num_seqs, is_decode_only=True)
+    pending_times: list[float] = []  # token times not yet applied to the requests
+    # Rows since the KV stats last changed, written to the log in one go.
+    rows = RunRows(executor, num_seqs, num_padded)
+    stats = kv.get_kv_cache_stats()
+
+    def apply_tokens() -> None:
+        if not pending_times:
+            return
+        count = len(pending_times)
+        tokens = [PLACEHOLDER_TOKEN] * count
+        for request in requests:
+            request.output_token_ids += tokens
+            request.token_times += pending_times
+            request.num_computed_tokens += count
+        pending_times.clear()
 
     # A step admits the arrivals up to its own start; with lagged admission (overlap emulated),
     # up to the start of the step before it.
@@ -159,7 +193,7 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
             break
         if new_blocks[done] > num_free:  # the capacity policy might preempt: step normally
             break
-        event = is_event[done]
+        event = new_blocks[done] or fills[done]
         if event:
             apply_tokens()
             executor.resource_manager.prepare_resources(batch)
@@ -180,20 +214,15 @@ def fast_forward_decodes(executor: PyExecutor, batch: SchedulerOutput) -> int:
         if event:
             apply_tokens()
             executor.resource_manager.update_resources(batch)
-            write_rows()  # the rows before this one saw the stats before this step
+            rows.flush(stats)  # the rows before this one saw the stats before this step
             stats = kv.get_kv_cache_stats()
-        row_kv_tokens.append(kv_tokens)
-        row_max_kv.append(max_kv)
+        rows.add(start, now - start, kv_tokens, max_kv)
         kv_tokens += num_seqs
         max_kv += 1
-        row_iterations.append(executor._num_iterations)
-        row_times.append(start)
-        row_latencies.append(now - start)
-        executor._num_iterations += 1
         clock.tick()
         done += 1
         last_start = start
     executor._last_step_start = last_start
     apply_tokens()
-    write_rows()
+    rows.flush(stats)
     return done
