@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_splits import DEFAULT_BLOCK_N, num_decode_splits
 from kernels.launch import FastLauncher
 
 # tl.dot's minimum size along every dimension (M, N and K).
@@ -42,11 +43,10 @@ _MIN_DOT = 16
 # Upper bound on the broadcast product [GROUP_PAD, BLOCK_N, HEAD_DIM_PAD] of the tl.sum path,
 # in elements: keeps it in registers on a GPU.
 _MAX_BROADCAST = 8192
-MAX_SPLITS = 16
 # (BLOCK_N, num_warps, num_stages) of the tl.dot path; SCHEDLAB_DECODE_CONFIG=B,W,S overrides it
 # for a tuning run (bench/attention_kernels.py --decode-sweep prints the candidates).
 DECODE_CONFIG: tuple[int, int, int] = tuple(  # type: ignore[assignment]
-    int(x) for x in os.environ.get("SCHEDLAB_DECODE_CONFIG", "64,4,3").split(",")
+    int(x) for x in os.environ.get("SCHEDLAB_DECODE_CONFIG", f"{DEFAULT_BLOCK_N},4,3").split(",")
 )
 if len(DECODE_CONFIG) != 3:
     raise ValueError(f"SCHEDLAB_DECODE_CONFIG must be BLOCK_N,WARPS,STAGES: {DECODE_CONFIG}")
@@ -287,7 +287,7 @@ _SM_COUNTS: dict[int, int] = {}
 def _default_num_splits(
     device: torch.device, num_programs: int, max_positions: int, block_n: int
 ) -> int:
-    """Enough splits to fill the GPU (about two programs per SM), none on CPU.
+    """``num_decode_splits`` for the device's SM count; none on CPU.
 
     Uses only host-side shapes (``max_positions`` from the block table's width), never
     ``seq_lens`` values, so the launch needs no device sync and is CUDA-graph safe.
@@ -297,14 +297,7 @@ def _default_num_splits(
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNTS:
         _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    target = 2 * _SM_COUNTS[index]
-    if num_programs >= target:
-        return 1
-    # At least a few tiles per split, or the merge costs more than the split saves.
-    splits = min(triton.cdiv(target, num_programs), triton.cdiv(max_positions, 4 * block_n))
-    # Round down to a power of two: NUM_SPLITS is a constexpr, so this bounds the number of
-    # compiled variants.
-    return min(MAX_SPLITS, 1 << (max(1, splits).bit_length() - 1))
+    return num_decode_splits(_SM_COUNTS[index], num_programs, max_positions, block_n)
 
 
 _paged_decode_launch = FastLauncher(_paged_decode_kernel)

@@ -87,11 +87,13 @@ def test_ragged_serving_steps_teach_the_decode_fit_their_longest_sequence():
     older = [{k: v for k, v in row.items() if k != "max_decode_kv"} for row in full.steps]
     grid = dataclasses.replace(full, steps=older)  # as profiles made before the column
     model = grid.with_serving_steps(rows, {"run": "ragged"}).cost_model()
-    assert model.decode["max_decode_kv"] == pytest.approx(tail, rel=1e-3)
+    # A GPU without a split rule (engine.sim.decode_splits): the span is the longest sequence
+    assert model.decode_splits is None
+    assert model.decode["decode_span"] == pytest.approx(tail, rel=1e-3)
     even = StepFeatures(num_decode_seqs=64, decode_kv_tokens=64 * 1000, max_decode_kv=1000)
     ragged = dataclasses.replace(even, max_decode_kv=6000)
     assert model.predict(ragged) - model.predict(even) == pytest.approx(tail * 5000, rel=1e-3)
-    assert grid.cost_model().decode["max_decode_kv"] == 0.0  # every grid row lacks it
+    assert grid.cost_model().decode["decode_span"] == 0.0  # every grid row lacks it
 
 
 def test_prefill_steps_follow_serving_mixed_steps():

@@ -261,3 +261,24 @@ def test_write_then_decode_roundtrip(device):
     expected = _reference(query, pool, ref_table, lens, 0.125, None)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pool[0, slots // 4, slots % 4], new_k, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "num_programs, max_positions, splits",
+    [
+        (8, 131072, 16),  # 1 sequence x 8 KV heads: 264 / 8 = 33, at most 16
+        (32, 131072, 8),  # 4 sequences: 264 / 32 -> 9, a power of two below
+        (64, 131072, 4),
+        (128, 131072, 2),  # 16 sequences: 3 -> 2
+        (256, 131072, 2),  # 32 sequences: 264 / 256 -> 2
+        (384, 131072, 1),  # 48 sequences fill two programs per SM already
+        (8, 1024, 4),  # a table of 1,024 positions: splits of at least 4 tiles of 64
+        (8, 512, 2),
+    ],
+)
+def test_decode_splits_fill_two_programs_an_sm(num_programs, max_positions, splits):
+    """The split rule the launcher and the simulator share (kernels.decode_splits), on a GPU
+    of 132 SMs (the H100 and H200)."""
+    from kernels.decode_splits import num_decode_splits
+
+    assert num_decode_splits(132, num_programs, max_positions) == splits

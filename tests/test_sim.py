@@ -19,6 +19,7 @@ from engine.scheduler import SchedulerOutput
 from engine.sim import LinearCostModel, Profile, RooflineCostModel, StepFeatures
 from engine.sim.cost_model import DECODE_TERMS, MIXED_TERMS
 from engine.sim.padding import StepPadding
+from engine.sim.profile import default_profile_path
 from tests.scenario import make_request
 
 # A step-time law to generate profiles from (seconds): decode-only steps and steps with
@@ -1139,3 +1140,69 @@ def test_the_pipeline_fast_forwards_most_steps_of_a_light_load():
     outputs = llm.generate(prompts, params, arrival_times=[0.5 * i for i in range(40)])
     assert all(len(o.token_ids) == 100 for o in outputs)
     assert sum(calls) > 0.8 * len(llm.executor.iteration_stats)
+
+
+def test_decode_span_is_the_longest_range_one_program_walks():
+    """``DecodeSplits.span``: a decode-only step's graph runs padded rows x KV heads programs
+    (the H200: 132 SMs, so 16 rows and 8 KV heads run 2 splits, 48 rows one); a mixed step's
+    decodes, and those of an engine without decode graphs, run as many as they are."""
+    from engine.sim.decode_splits import DecodeSplits
+
+    splits = DecodeSplits(num_sms=132, num_kv_heads=8, max_positions=131072)
+    decode = StepFeatures(num_decode_seqs=10, decode_kv_tokens=5000, max_decode_kv=1000)
+    assert splits.span(dataclasses.replace(decode, num_padded_tokens=16)) == 500
+    assert splits.span(dataclasses.replace(decode, num_padded_tokens=48)) == 1000
+    assert splits.span(dataclasses.replace(decode, num_padded_tokens=1)) == 1000 / 16
+    # 2 decodes beside a prompt: 16 programs, a table as wide as the longest (4 tiles each)
+    mixed = StepFeatures(
+        num_context_seqs=1, num_context_tokens=100, num_decode_seqs=2, decode_kv_tokens=1500,
+        max_decode_kv=1000,
+    )  # fmt: skip
+    assert splits.span(mixed) == 250
+    eager = dataclasses.replace(splits, graphs=False)
+    assert eager.span(dataclasses.replace(decode, num_padded_tokens=16)) == 1000 / 4
+    assert splits.span(StepFeatures(num_context_seqs=1, num_context_tokens=100)) == 0.0
+
+
+def test_a_decode_fit_with_the_split_rule_recovers_a_kernel_that_splits():
+    """Decode steps whose attention tail is the longest sequence over its splits (the Triton
+    kernel's): a fit that reads ``decode_span`` through the rule recovers them; one that reads
+    the longest sequence whole cannot (one slope for graphs of 16 splits and of one)."""
+    from engine.sim.decode_splits import DecodeSplits
+
+    splits = DecodeSplits(num_sms=132, num_kv_heads=8, max_positions=131072)
+    truth = LinearCostModel(
+        {**DECODE, "decode_span": 4e-7}, MIXED, decode_splits=splits
+    )  # the law, its decodes' tail split as the kernel splits it
+    rng = np.random.default_rng(1)
+    samples = []
+    for f in random_steps(rng, 400, max_seqs=64, max_kv=4000, min_tokens=64):
+        longest = int(f.decode_kv_tokens / f.num_decode_seqs * rng.uniform(1.0, 3.0))
+        padded = next(b for b in (1, 2, 4, 8, 16, 32, 48, 64) if b >= f.num_decode_seqs)
+        if f.is_decode_only:
+            f = dataclasses.replace(f, num_padded_tokens=padded)
+        f = dataclasses.replace(f, max_decode_kv=longest)
+        samples.append((f, truth.predict(f)))
+    fitted = LinearCostModel.fit(samples, decode_splits=splits)
+    whole = LinearCostModel.fit(samples)
+    assert fitted.decode["decode_span"] == pytest.approx(4e-7, rel=1e-3)
+
+    def worst(model: LinearCostModel) -> float:
+        return max(abs(model.predict(f) / s - 1) for f, s in samples)
+
+    assert worst(fitted) < 1e-3
+    assert worst(whole) > 0.03
+
+
+def test_a_profile_of_a_known_gpu_fits_its_decodes_with_the_split_rule():
+    from engine.sim.decode_splits import DecodeSplits
+
+    profile = Profile.load(default_profile_path("llama-1b", "h200", overlap=True))
+    rule = DecodeSplits.of_profile(profile)
+    assert rule == DecodeSplits(num_sms=132, num_kv_heads=8, max_positions=131072)
+    assert profile.cost_model().device.decode_splits == rule
+    # A GPU of unknown SMs: the longest sequence whole, as one split
+    unknown = dataclasses.replace(profile, device="a GPU of unknown SMs")
+    assert DecodeSplits.of_profile(unknown) is None
+    recorded = dataclasses.replace(unknown, engine={**unknown.engine, "num_sms": 114})
+    assert DecodeSplits.of_profile(recorded).num_sms == 114

@@ -311,7 +311,7 @@ class PagedCausalLM:
         if self.attention_backend != "triton" or self.device.type != "cuda":
             return
         import kernels
-        from kernels.paged_decode import MAX_SPLITS
+        from kernels.decode_splits import MAX_SPLITS
 
         device = self.device
 

@@ -15,8 +15,10 @@ A step's time depends on the batch only through a few counts, ``StepFeatures``::
     num_decode_seqs      decodes              GEMM rows at small M (weights read once a step)
     decode_kv_tokens     sum of KV lengths    KV bytes read by decode attention
     max_decode_kv        longest KV length    the tail of decode attention: one program walks
-                                              one sequence, so with ragged lengths the longest
-                                              sets the kernel's time
+                                              one sequence (or one split of it), so with ragged
+                                              lengths the longest sets the kernel's time; the
+                                              fits read it as ``decode_span``, the longest KV
+                                              range one program walks (``DecodeSplits``)
     num_context_seqs     contexts             per-sequence overheads
 
 Two models, one interface (``CostModel.predict``):
@@ -61,11 +63,15 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.scheduler import SchedulerOutput
 from engine.sim.padding import StepPadding
+
+if TYPE_CHECKING:
+    from engine.sim.decode_splits import DecodeSplits
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,10 @@ class HostDeviceCostModel(CostModel):
 
 STEP_KINDS = ("decode", "prefill", "mixed")  # StepFeatures.kind
 ERRORS = ("relative", "absolute")  # what LinearCostModel.fit minimises (squared, summed)
-DECODE_TERMS = ("intercept", "num_decode_seqs", "decode_kv_tokens", "max_decode_kv")
+SPECIAL_TERMS = ("intercept", "decode_span")  # not StepFeatures attributes (``_term``)
+# ``decode_span``: ``max_decode_kv`` over the decode kernel's splits (``DecodeSplits``), or
+# ``max_decode_kv`` itself for a model without a split rule.
+DECODE_TERMS = ("intercept", "num_decode_seqs", "decode_kv_tokens", "decode_span")
 PREFILL_TERMS = ("intercept", "num_padded_tokens", "context_attention", "num_context_seqs")
 MIXED_TERMS = (
     "intercept",
@@ -232,12 +241,22 @@ MIXED_TERMS = (
     "num_context_seqs",
     "num_decode_seqs",
     "decode_kv_tokens",
-    "max_decode_kv",
+    "decode_span",
 )
 
 
-def _design(features: StepFeatures, terms: Sequence[str]) -> list[float]:
-    return [1.0 if term == "intercept" else float(getattr(features, term)) for term in terms]
+def _design(
+    features: StepFeatures, terms: Sequence[str], splits: DecodeSplits | None = None
+) -> list[float]:
+    return [_term(features, term, splits) for term in terms]
+
+
+def _term(features: StepFeatures, term: str, splits: DecodeSplits | None) -> float:
+    if term == "intercept":
+        return 1.0
+    if term == "decode_span":
+        return features.max_decode_kv if splits is None else splits.span(features)
+    return float(getattr(features, term))
 
 
 @dataclass(frozen=True)
@@ -256,8 +275,12 @@ class LinearCostModel(CostModel):
     # size, so a bucket's time steps up or down beside the line (``fit``). A bucket not named
     # takes the offset of the nearest one named below it (the smallest one's below them all).
     decode_offsets: Mapping[int, float] = field(default_factory=dict)
-    # kind -> (floor, intercept, its nonzero (term, weight) pairs, padded -> offset or None):
-    # what predict reads. The offsets are decode_offsets, and the buckets resolved since.
+    # How the decode kernel splits a step's sequences: what ``decode_span`` reads (None: one
+    # split, ``max_decode_kv``).
+    decode_splits: DecodeSplits | None = None
+    # kind -> (floor, intercept, its nonzero (term, weight) pairs but decode_span, its weight,
+    # padded -> offset or None): what predict reads. The offsets are decode_offsets, and the
+    # buckets resolved since.
     _compiled: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -266,11 +289,12 @@ class LinearCostModel(CostModel):
             coefficients = getattr(self, kind)
             if coefficients is None:  # prefill steps fall to mixed
                 continue
-            terms = tuple((t, w) for t, w in coefficients.items() if t != "intercept" and w)
+            terms = tuple((t, w) for t, w in coefficients.items() if t not in SPECIAL_TERMS and w)
             has_offsets = kind == "decode" and bool(self.decode_offsets)
             offsets = dict(self.decode_offsets) if has_offsets else None
             floor = self.floors.get(kind, 0.0)
-            compiled[kind] = (floor, coefficients.get("intercept", 0.0), terms, offsets)
+            intercept, span = coefficients.get("intercept", 0.0), coefficients.get("decode_span")
+            compiled[kind] = (floor, intercept, terms, span or 0.0, offsets)
         object.__setattr__(self, "_compiled", compiled)
 
     def predict(self, features: StepFeatures) -> float:
@@ -282,9 +306,12 @@ class LinearCostModel(CostModel):
             kind = "prefill"
         else:
             kind = "mixed"
-        floor, seconds, terms, offsets = self._compiled[kind]
+        floor, seconds, terms, span, offsets = self._compiled[kind]
         for term, weight in terms:
             seconds += weight * getattr(features, term)
+        if span:
+            splits = self.decode_splits
+            seconds += span * (features.max_decode_kv if splits is None else splits.span(features))
         if offsets is not None:  # a decode step: its bucket's offset
             padded = features.num_padded_tokens
             offset = offsets.get(padded)
@@ -307,6 +334,7 @@ class LinearCostModel(CostModel):
         compose_mixed: bool = True,
         error: str = "relative",
         match_totals: bool = False,
+        decode_splits: DecodeSplits | None = None,
     ) -> LinearCostModel:
         """Fit each kind of step to ``(features, measured seconds)`` samples, minimising the
         squared ``error`` (``ERRORS``: relative or absolute; ``_fit_kind``). Needs at least as
@@ -323,7 +351,8 @@ class LinearCostModel(CostModel):
         on the H100 llama-8b profile it put the per-token cost at a tenth of the prefill's and
         under-predicted a real Azure run's mixed steps by 31% in total, against 8% composed
         (docs/performance.md). Serving steps are many and varied: ``Profile.cost_model`` fits
-        them freely.
+        them freely. ``decode_splits``: the decode kernel's split rule, which ``decode_span``
+        reads (``engine.sim.decode_splits``; None: one split).
 
         ``match_totals``: then scale each kind's fit so that it predicts its samples' total
         time (``_match_totals``). The relative error's least squares predicts the typical step
@@ -340,7 +369,8 @@ class LinearCostModel(CostModel):
         floors: dict[str, float] = {}
         if error not in ERRORS:
             raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
-        decode_fit, floors["decode"], offsets = _fit_decode(decode, error)
+        splits = decode_splits
+        decode_fit, floors["decode"], offsets = _fit_decode(decode, error, splits)
         separate = (
             compose_mixed
             and len(prefill) >= 2 * len(PREFILL_TERMS)
@@ -349,16 +379,19 @@ class LinearCostModel(CostModel):
         prefill_fit = None
         if separate:
             prefill_fit, floors["prefill"], _ = _fit_kind(prefill, PREFILL_TERMS, "prefill", error)
-            mixed_fit, floors["mixed"] = _compose_mixed(prefill_fit, decode_fit, mixed)
+            mixed_fit, floors["mixed"] = _compose_mixed(prefill_fit, decode_fit, mixed, splits)
         else:
             context = prefill + mixed
-            mixed_fit, floors["mixed"], _ = _fit_kind(context, MIXED_TERMS, "context", error)
+            mixed_fit, floors["mixed"], _ = _fit_kind(
+                context, MIXED_TERMS, "context", error, splits=splits
+            )
         model = cls(
             decode=decode_fit,
             mixed=mixed_fit,
             prefill=prefill_fit,
             floors=floors,
             decode_offsets=offsets,
+            decode_splits=splits,
         )
         return model._match_totals(by_kind) if match_totals else model
 
@@ -389,6 +422,7 @@ class LinearCostModel(CostModel):
             prefill=scaled("prefill", self.prefill),
             floors={kind: floor * scale.get(kind, 1.0) for kind, floor in self.floors.items()},
             decode_offsets=scaled("decode", self.decode_offsets),
+            decode_splits=self.decode_splits,
         )
 
 
@@ -396,7 +430,7 @@ MIN_BUCKET_STEPS = 30  # decode steps of one padded batch for it to get its own 
 
 
 def _fit_decode(
-    samples: list[tuple[StepFeatures, float]], error: str
+    samples: list[tuple[StepFeatures, float]], error: str, splits: DecodeSplits | None = None
 ) -> tuple[dict[str, float], float, dict[int, float]]:
     """The decode fit (``_fit_kind`` over ``DECODE_TERMS``), with an offset for each padded
     batch that has ``MIN_BUCKET_STEPS`` steps but the most common one (the intercept's, offset
@@ -407,10 +441,12 @@ def _fit_decode(
     counts = Counter(f.num_padded_tokens for f, _ in samples)
     chosen = sorted(b for b, n in counts.items() if n >= MIN_BUCKET_STEPS)
     if len(chosen) < 2:
-        return _fit_kind(samples, DECODE_TERMS, "decode-only", error)
+        return _fit_kind(samples, DECODE_TERMS, "decode-only", error, splits=splits)
     reference = max(chosen, key=lambda b: (counts[b], -b))
     others = [b for b in chosen if b != reference]
-    coefficients, floor, offsets = _fit_kind(samples, DECODE_TERMS, "decode-only", error, others)
+    coefficients, floor, offsets = _fit_kind(
+        samples, DECODE_TERMS, "decode-only", error, others, splits
+    )
     return coefficients, floor, dict(sorted({reference: 0.0, **offsets}.items()))
 
 
@@ -418,6 +454,7 @@ def _compose_mixed(
     prefill: Mapping[str, float],
     decode: Mapping[str, float],
     samples: list[tuple[StepFeatures, float]],
+    splits: DecodeSplits | None = None,
 ) -> tuple[dict[str, float], float]:
     """Mixed coefficients ``(intercept, the prefill's context terms, the decode's decode
     terms)`` and a floor: ``seconds = max(floor, intercept + work)``, with ``work`` fixed by the
@@ -432,7 +469,7 @@ def _compose_mixed(
     }
     coefficients["num_decode_seqs"] = 0.0
     terms = [t for t in MIXED_TERMS if t != "intercept"]
-    work = np.array([[getattr(f, t) for t in terms] for f, _ in samples]) @ np.array(
+    work = np.array([_design(f, terms, splits) for f, _ in samples]) @ np.array(
         [coefficients[t] for t in terms]
     )
     seconds = np.array([s for _, s in samples])
@@ -462,6 +499,7 @@ def _fit_kind(
     kind: str,
     error_kind: str = "relative",
     buckets: Sequence[int] = (),
+    splits: DecodeSplits | None = None,
 ) -> tuple[dict[str, float], float, dict[int, float]]:
     """(coefficients, floor, offsets) of ``max(floor, linear + offset)`` with the least mean
     squared relative error: no floor and a line through every sample, or a floor at one of
@@ -474,7 +512,7 @@ def _fit_kind(
             f"it has {len(samples)}"
         )
     design = np.array(
-        [_design(f, terms) + [float(f.num_padded_tokens == b) for b in buckets]
+        [_design(f, terms, splits) + [float(f.num_padded_tokens == b) for b in buckets]
          for f, _ in samples]
     )  # fmt: skip
     seconds = np.array([s for _, s in samples])

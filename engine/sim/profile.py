@@ -47,6 +47,7 @@ from engine.sim.cost_model import (
     LinearCostModel,
     StepFeatures,
 )
+from engine.sim.decode_splits import DecodeSplits
 from engine.sim.padding import StepPadding
 
 FORMAT_VERSION = 1
@@ -123,6 +124,7 @@ class Profile:
         # fit is free, over the serving steps, prefills and all.
         samples, use_serving, rows = self._fit_plan()
         is_split = self._is_split(rows)
+        splits = DecodeSplits.of_profile(self)
 
         def fit(times: list[float]) -> LinearCostModel:
             return LinearCostModel.fit(
@@ -133,6 +135,7 @@ class Profile:
                 # to the relative error alone they fell 2.5-21% short of them on the H200
                 # (docs/performance.md, "Totals"). The plain loop's profiles stay as measured.
                 match_totals=is_split,
+                decode_splits=splits,
             )
 
         if is_split:

@@ -842,6 +842,12 @@ def engine_settings(llm: LLM) -> dict[str, Any]:
         "capacity_scheduler": type(llm.capacity_scheduler).__name__,
         "microbatch_scheduler": type(mb).__name__,
         "chunking": None if chunking is None else getattr(chunking, "__name__", repr(chunking)),
+        # the decode kernel's split rule reads it (engine.sim.decode_splits)
+        "num_sms": (
+            torch.cuda.get_device_properties(llm.device).multi_processor_count
+            if llm.device.type == "cuda"
+            else None
+        ),
     }
 
 
