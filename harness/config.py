@@ -92,7 +92,7 @@ class ExecutorConfig:
     # engine=sim with overlap: the host as a second stage beside the device, its time on the
     # clock (engine.sim.engine), not the longer of the two a step; runs the overlap loop, its
     # repeated decode steps fast-forwarded (engine.sim.fast_forward_overlap): the whole Azure
-    # trace 1.2x slower than the default.
+    # trace 1.1x (llama-8b) to 1.2x (llama-1b) slower than the default.
     sim_host_pipeline: bool = False
     # Real CUDA runs: sample the GPU's SM clock, power and temperature with nvidia-smi every
     # 100 ms (gpu_telemetry.csv; each step's clock and power in iterations.parquet, the run's

@@ -236,6 +236,7 @@ def test_profile_metadata(profiled):
     assert engine["tokens_per_block"] == 8
     assert engine["cuda_graphs"] is False and engine["attention_backend"] == "torch"
     assert engine["fast_launch"] is False and engine["piecewise_cuda_graphs"] is False  # CPU
+    assert engine["num_sms"] is None  # a GPU's SMs, which the decode kernel's splits follow
     assert engine["skipped"] == [] and engine["repeats"] == 2
     assert {"torch", "transformers", "python"} <= set(profile.software)
     assert profile.created.endswith("+00:00")

@@ -3,6 +3,7 @@
 cost_model.py  StepFeatures, CostModel, RooflineCostModel (baseline), LinearCostModel (fitted),
                HostDeviceCostModel (overlap: the host's and the device's times fitted apart)
 padding.py     StepPadding: the graph buckets a real step's dense layers run on
+decode_splits.py  DecodeSplits: how the decode kernel splits a step's sequences (its tail)
 profile.py     Profile: measured step times of the real engine for one (device, model)
 profiler.py    python -m engine.sim.profiler: runs the real engine over a grid, writes a profile
 engine.py      SimModelEngine, SimDecoder

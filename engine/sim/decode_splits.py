@@ -19,7 +19,7 @@ of 33-64 sequences 4-7% over their device time and those of a heavier window 5% 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kernels.decode_splits import num_decode_splits
@@ -43,6 +43,8 @@ class DecodeSplits:
     num_kv_heads: int
     max_positions: int
     graphs: bool = True
+    # (decodes or padded rows, positions) -> splits: span runs once a simulated step
+    _splits: dict[tuple[int, int], int] = field(default_factory=dict, compare=False, repr=False)
 
     def span(self, features: StepFeatures) -> float:
         """The longest KV range one program of the step's decode attention walks: its longest
@@ -51,10 +53,14 @@ class DecodeSplits:
         if not max_kv:
             return 0.0
         if self.graphs and features.num_context_tokens == 0:
-            programs, positions = features.num_padded_tokens, self.max_positions
+            key = (features.num_padded_tokens, self.max_positions)
         else:
-            programs, positions = features.num_decode_seqs, max_kv
-        return max_kv / num_decode_splits(self.num_sms, programs * self.num_kv_heads, positions)
+            key = (features.num_decode_seqs, max_kv)
+        splits = self._splits.get(key)
+        if splits is None:
+            programs = key[0] * self.num_kv_heads
+            splits = self._splits[key] = num_decode_splits(self.num_sms, programs, key[1])
+        return max_kv / splits
 
     @classmethod
     def of_profile(cls, profile: Profile) -> DecodeSplits | None:
