@@ -255,8 +255,14 @@ def _term(features: StepFeatures, term: str, splits: DecodeSplits | None) -> flo
     if term == "intercept":
         return 1.0
     if term == "decode_span":
-        return features.max_decode_kv if splits is None else splits.span(features)
+        return _decode_span(features, splits)
     return float(getattr(features, term))
+
+
+def _decode_span(features: StepFeatures, splits: DecodeSplits | None) -> float:
+    """The longest KV range one program of the decode kernel walks (``DecodeSplits.span``), or
+    the longest sequence whole without a split rule."""
+    return features.max_decode_kv if splits is None else splits.span(features)
 
 
 @dataclass(frozen=True)
@@ -310,8 +316,7 @@ class LinearCostModel(CostModel):
         for term, weight in terms:
             seconds += weight * getattr(features, term)
         if span:
-            splits = self.decode_splits
-            seconds += span * (features.max_decode_kv if splits is None else splits.span(features))
+            seconds += span * _decode_span(features, self.decode_splits)
         if offsets is not None:  # a decode step: its bucket's offset
             padded = features.num_padded_tokens
             offset = offsets.get(padded)
@@ -369,7 +374,7 @@ class LinearCostModel(CostModel):
         floors: dict[str, float] = {}
         if error not in ERRORS:
             raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
-        splits = decode_splits
+        splits = decode_splits  # what decode_span reads, in every fit
         decode_fit, floors["decode"], offsets = _fit_decode(decode, error, splits)
         separate = (
             compose_mixed
