@@ -1182,3 +1182,17 @@ def test_a_profile_of_a_known_gpu_fits_its_decodes_with_the_split_rule():
     assert DecodeSplits.of_profile(unknown) is None
     recorded = dataclasses.replace(unknown, engine={**unknown.engine, "num_sms": 114})
     assert DecodeSplits.of_profile(recorded).num_sms == 114
+
+
+def test_each_fast_forward_refuses_the_other_loop():
+    from engine.sim.fast_forward import fast_forward_decodes
+    from engine.sim.fast_forward_overlap import fast_forward_overlap
+
+    profile = synthetic_profile("llama-tiny", free_bytes_for_kv=None)
+    sim = dict(engine="sim", cost_model=profile, kv_cache_manager=dict(max_tokens=2048))
+    plain = LLM("llama-tiny", **sim).executor
+    overlap = LLM("llama-tiny", overlap_scheduler=True, sim_fast_forward=False, **sim).executor
+    with pytest.raises(ValueError, match="runs the plain loop"):
+        fast_forward_decodes(overlap, SchedulerOutput())
+    with pytest.raises(ValueError, match="runs the overlap loop"):
+        fast_forward_overlap(plain, SchedulerOutput())

@@ -13,7 +13,7 @@ more in one, so the attention's tail is ``max_decode_kv / splits``::
                        wide as its longest decode
 
 A line in ``max_decode_kv`` alone (one slope for every graph) put llama-1b's Azure decode steps
-of 33-64 sequences 4-7% over their device time and those of a heavier window 5% under
+of 33-128 sequences 4-8% over their device time and a heavier window's of 49-64 4% under
 (docs/performance.md, "The decode kernel's splits").
 """
 
