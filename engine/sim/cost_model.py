@@ -374,7 +374,7 @@ class LinearCostModel(CostModel):
         floors: dict[str, float] = {}
         if error not in ERRORS:
             raise ValueError(f"error must be one of {ERRORS}, got {error!r}")
-        splits = decode_splits  # what decode_span reads, in every fit
+        splits = decode_splits  # what decode_span reads, in every fit below
         decode_fit, floors["decode"], offsets = _fit_decode(decode, error, splits)
         separate = (
             compose_mixed

@@ -43,8 +43,9 @@ class DecodeSplits:
     num_kv_heads: int
     max_positions: int
     graphs: bool = True
-    # (decodes or padded rows, positions) -> splits: span runs once a simulated step
-    _splits: dict[tuple[int, int], int] = field(default_factory=dict, compare=False, repr=False)
+    # A decode graph's padded rows -> its splits: span runs once a simulated step (a mixed
+    # step's, which also hangs on its longest decode, is worked out each time)
+    _graph_splits: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     def span(self, features: StepFeatures) -> float:
         """The longest KV range one program of the step's decode attention walks: its longest
@@ -52,14 +53,15 @@ class DecodeSplits:
         max_kv = features.max_decode_kv
         if not max_kv:
             return 0.0
-        if self.graphs and features.num_context_tokens == 0:
-            key = (features.num_padded_tokens, self.max_positions)
-        else:
-            key = (features.num_decode_seqs, max_kv)
-        splits = self._splits.get(key)
+        if not (self.graphs and features.num_context_tokens == 0):
+            programs = features.num_decode_seqs * self.num_kv_heads
+            return max_kv / num_decode_splits(self.num_sms, programs, max_kv)
+        rows = features.num_padded_tokens
+        splits = self._graph_splits.get(rows)
         if splits is None:
-            programs = key[0] * self.num_kv_heads
-            splits = self._splits[key] = num_decode_splits(self.num_sms, programs, key[1])
+            programs = rows * self.num_kv_heads
+            splits = num_decode_splits(self.num_sms, programs, self.max_positions)
+            self._graph_splits[rows] = splits
         return max_kv / splits
 
     @classmethod

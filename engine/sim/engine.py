@@ -163,15 +163,14 @@ class SimModelEngine(ModelEngine):
         """The host pipeline (module doc): the host's time passes on the clock, the device
         runs the step once the host's work before the launches is done (at the power cap's
         speed of that moment, where there is one)."""
-        timeline = self.host_timeline
-        speed = 1.0 if timeline is None else timeline.scale_at(self.clock.now())
+        now, timeline = self.clock.now(), self.host_timeline
+        speed = 1.0 if timeline is None else timeline.scale_at(now)
         phases = self.cost_model.phases(features, speed)
         if not (phases.host > 0 and phases.device > 0):
             raise ValueError(
                 f"{type(self.cost_model).__name__} predicted {phases} for a step ({features}); "
                 "a step must take a positive time"
             )
-        now = self.clock.now()
         began = max(now + phases.before_launch, self.device_free_at)
         device = phases.device
         if self.power is not None:
