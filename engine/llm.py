@@ -130,6 +130,10 @@ class LLM:
     ``engine.piecewise_graphs``. ``piecewise_cuda_graphs``: ``None`` (default) uses them where
     they can run (CUDA, Triton attention, not ``enforce_eager``, a token budget or explicit
     sizes), ``True`` insists (an error where they cannot), ``False`` runs those steps eagerly.
+    ``full_cuda_graphs=True`` (vLLM's FULL mode) captures those steps whole, attention
+    included, per token bucket: one replay a step instead of the pieces and three attention
+    launches a layer (CUDA only; off by default: the default simulator profiles are of the
+    piecewise engine).
 
     ``overlap_scheduler=True`` (TensorRT-LLM's overlap scheduler, vLLM's async scheduling):
     the host schedules and prepares step n+1 while the device runs step n (``engine.executor``);
@@ -177,6 +181,7 @@ class LLM:
         cuda_graph_batch_sizes: Sequence[int] | None = None,
         piecewise_cuda_graphs: bool | None = None,
         piecewise_token_sizes: Sequence[int] | None = None,
+        full_cuda_graphs: bool = False,
         engine: str = "torch",
         cost_model: Any = None,
         sim_fast_forward: bool = True,
@@ -247,7 +252,11 @@ class LLM:
         else:
             self._init_torch(model, device, dtype, seed, attention_backend)
             self._build_graphs(
-                enforce_eager, cuda_graph_batch_sizes, piecewise_cuda_graphs, piecewise_token_sizes
+                enforce_eager,
+                cuda_graph_batch_sizes,
+                piecewise_cuda_graphs,
+                piecewise_token_sizes,
+                full_cuda_graphs,
             )
             decoder, clock = Decoder(seed), clock or WallClock()
         # The simulator emulates overlap with the plain loop, where it fast-forwards faster
@@ -309,9 +318,17 @@ class LLM:
         batch_sizes: Sequence[int] | None,
         piecewise: bool | None,
         token_sizes: Sequence[int] | None,
+        full: bool = False,
     ) -> None:
         engine = self.model_engine
         engine.graph_runner = self._graph_runner(engine.model, enforce_eager, batch_sizes)
+        if full:
+            if enforce_eager or piecewise is False:
+                raise ValueError(
+                    "full_cuda_graphs=True captures the steps with prompt tokens whole: not with "
+                    "enforce_eager=True or piecewise_cuda_graphs=False"
+                )
+            piecewise = True
         if piecewise is None:  # where they can run
             piecewise = (
                 not enforce_eager
@@ -320,7 +337,7 @@ class LLM:
                 and bool(token_sizes or getattr(self.microbatch_scheduler, "max_num_tokens", None))
             )
         if piecewise and not enforce_eager:
-            engine.piecewise_runner = self._piecewise_runner(engine.model, token_sizes)
+            engine.piecewise_runner = self._piecewise_runner(engine.model, token_sizes, full)
         self._memory_checkpoint("cuda_graphs")
 
     @property
@@ -520,22 +537,23 @@ class LLM:
     ) -> DecodeGraphRunner | None:
         if enforce_eager or self.device.type != "cuda":
             return None
-        kv = self.kv_cache_manager
-        max_tokens = min(paged.max_seq_len, kv.num_blocks * kv.tokens_per_block)
         return DecodeGraphRunner(
             paged,
-            kv.kv_pool,
+            self.kv_cache_manager.kv_pool,
             batch_sizes
             or default_cuda_graph_batch_sizes(
                 getattr(self.microbatch_scheduler, "max_batch_size", 256)
             ),
-            max_blocks_per_seq=-(-max_tokens // kv.tokens_per_block),
+            max_blocks_per_seq=self._max_blocks_per_seq(paged),
             max_pending_rows=getattr(self.microbatch_scheduler, "max_batch_size", None),
         )
 
-    def _piecewise_runner(self, paged, token_sizes: Sequence[int] | None) -> PiecewiseGraphRunner:
+    def _piecewise_runner(
+        self, paged, token_sizes: Sequence[int] | None, full: bool = False
+    ) -> PiecewiseGraphRunner:
         if self.device.type != "cuda":
-            raise ValueError("piecewise_cuda_graphs=True needs a CUDA device")
+            name = "full_cuda_graphs" if full else "piecewise_cuda_graphs"
+            raise ValueError(f"{name}=True needs a CUDA device")
         mb = self.microbatch_scheduler
         max_num_tokens = getattr(mb, "max_num_tokens", None)
         if token_sizes is None and not max_num_tokens:
@@ -548,7 +566,15 @@ class LLM:
             self.kv_cache_manager.kv_pool,
             token_sizes or default_piecewise_token_sizes(max_num_tokens),
             max_num_seqs=getattr(mb, "max_batch_size", 256),
+            full=full,
+            max_blocks_per_seq=self._max_blocks_per_seq(paged),
         )
+
+    def _max_blocks_per_seq(self, paged) -> int:
+        """Block-table columns a sequence can need: the model's length or the pool's, if less."""
+        kv = self.kv_cache_manager
+        max_tokens = min(paged.max_seq_len, kv.num_blocks * kv.tokens_per_block)
+        return -(-max_tokens // kv.tokens_per_block)
 
     def make_requests(
         self,

@@ -305,7 +305,8 @@ class TorchModelEngine(ModelEngine):
     With a ``graph_runner`` (``engine.cuda_graphs.DecodeGraphRunner``), decode-only steps that
     fit one of its buckets replay a captured CUDA graph. With a ``piecewise_runner``
     (``engine.piecewise_graphs.PiecewiseGraphRunner``), other steps that fit one of its token
-    buckets replay graphs between eager attentions. Every other step runs eagerly.
+    buckets replay graphs between eager attentions (or, full, one graph with attention
+    inside). Every other step runs eagerly.
     """
 
     supports_overlap = True
@@ -361,12 +362,15 @@ class TorchModelEngine(ModelEngine):
                 self._last_work = work._replace(num_padded_tokens=bucket)
                 return self._replay(runner, bucket, num_seqs, kv_pool, start)
             runner.forget()  # the next step cannot advance this one's inputs
-        inputs = host.to_device(self._staging)
-        self.last_input_prep_time = time.perf_counter() - start
         piecewise = self.piecewise_runner
         if piecewise is not None and piecewise.can_run(host):
+            # A full graph sends its own inputs, attention's included.
+            inputs = None if piecewise.is_full else host.to_device(self._staging)
+            self.last_input_prep_time = time.perf_counter() - start
             self._last_work = work._replace(num_padded_tokens=piecewise.bucket_for(host.num_tokens))
             return piecewise.run(host, inputs, kv_pool, pending_tokens)
+        inputs = host.to_device(self._staging)
+        self.last_input_prep_time = time.perf_counter() - start
         if pending_tokens is not None:
             fill_pending_tokens(inputs.input_ids, pending_tokens)
         return self.model.forward(inputs, kv_pool)

@@ -170,16 +170,19 @@ def sim_profile_path(cfg: DictConfig) -> Path:
 
     if cfg.executor.profile:
         return Path(cfg.executor.profile)
-    overlap = cfg.executor.overlap_scheduler
-    path = default_profile_path(cfg.model.name, cfg.executor.sim_device, overlap)
+    overlap, full = cfg.executor.overlap_scheduler, cfg.executor.get("full_cuda_graphs", False)
+    path = default_profile_path(cfg.model.name, cfg.executor.sim_device, overlap, full)
     if not path.is_file():
         mode = "with" if overlap else "without"
+        mode += " overlap scheduling" + (" and full CUDA graphs" if full else "")
+        flag = " --full-graphs" if full else ""
         raise ValueError(
             f"no profile for model {cfg.model.name!r} on {cfg.executor.sim_device!r} {mode} "
-            f"overlap scheduling ({path}); available: {', '.join(available_profiles()) or 'none'} "
-            f"(.overlap: executor.overlap_scheduler=true). Make one on that GPU with "
-            f"python -m engine.sim.profiler --model {cfg.model.name} and python -m "
-            "harness.calibrate (bench/sim_calibration.sh), or pass executor.profile=FILE"
+            f"({path}); available: {', '.join(available_profiles()) or 'none'} "
+            f"(.overlap: executor.overlap_scheduler=true; .full: executor.full_cuda_graphs=true)."
+            f" Make one on that GPU with python -m engine.sim.profiler --model {cfg.model.name}"
+            f"{flag} and python -m harness.calibrate (bench/sim_calibration.sh), or pass "
+            "executor.profile=FILE"
         )
     return path
 

@@ -61,6 +61,10 @@ class ExecutorConfig:
     # max_num_tokens).
     piecewise_cuda_graphs: bool | None = None
     piecewise_token_sizes: list[int] | None = None
+    # Those steps captured whole, attention included (vLLM's FULL mode): one replay a step, so
+    # a slow host no longer slows them. Off by default: the default simulator profiles are of
+    # the piecewise engine (engine=sim with it takes <model>.full.overlap.json: llama-1b only).
+    full_cuda_graphs: bool = False
     # Schedule and prepare step n+1 while the GPU runs step n (TensorRT-LLM's overlap scheduler,
     # vLLM's async scheduling). engine=sim simulates it (with a profile calibrated on overlap
     # runs: <model>.overlap.json).
@@ -122,6 +126,7 @@ GRAPH_SETTINGS = (  # executor keys that are LLM arguments of the same name
     "cuda_graph_batch_sizes",
     "piecewise_cuda_graphs",
     "piecewise_token_sizes",
+    "full_cuda_graphs",
 )
 
 

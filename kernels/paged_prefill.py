@@ -47,6 +47,8 @@ is no window-edge phase.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -174,7 +176,7 @@ def _attend_key_tiles(
 # on their alignment or divisibility would compile new variants in the middle of a run.
 @triton.jit(
     do_not_specialize=["stride_bts"],
-    do_not_specialize_on_alignment=["QUERY_START_LOC", "SEQ_LENS", "BLOCK_TABLES"],
+    do_not_specialize_on_alignment=["QUERY_START_LOC", "SEQ_LENS", "BLOCK_TABLES", "TILES"],
 )
 def _paged_prefill_kernel(
     Q,  # [num_tokens, num_heads, HEAD_DIM]
@@ -183,6 +185,7 @@ def _paged_prefill_kernel(
     QUERY_START_LOC,  # [num_seqs + 1]
     SEQ_LENS,  # [num_seqs]
     BLOCK_TABLES,  # [num_seqs, max_blocks]
+    TILES,  # [num_tiles, 2] (sequence, tile_m) of each program; read only when TILED
     qk_scale,  # softmax scale * log2(e)
     sliding_window,  # only read when HAS_WINDOW
     stride_qt,
@@ -206,9 +209,18 @@ def _paged_prefill_kernel(
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (match torch), else "tf32" (unused)
     INTERPRET: tl.constexpr,  # running in the Triton interpreter (CPU tensors)
+    TILED: tl.constexpr,  # programs read their (sequence, tile) from TILES (a fixed grid)
 ):
-    seq = tl.program_id(0)
-    tile_m = tl.program_id(1)
+    if TILED:
+        # A CUDA graph's grid is frozen at capture: it has a program for every tile the bucket
+        # could need, and a tile of sequence -1 is padding.
+        seq = tl.load(TILES + 2 * tl.program_id(0)).to(tl.int32)
+        tile_m = tl.load(TILES + 2 * tl.program_id(0) + 1).to(tl.int32)
+        if seq < 0:
+            return
+    else:
+        seq = tl.program_id(0)
+        tile_m = tl.program_id(1)
     kv_head = tl.program_id(2)
 
     # Positions fit in int32 (metadata may be int64): keeps the key loop's index math 32-bit.
@@ -314,16 +326,58 @@ def _default_config(query: torch.Tensor) -> tuple[int, int, int, int]:
 _paged_prefill_launch = FastLauncher(_paged_prefill_kernel)
 
 
+def prefill_block_m(query: torch.Tensor) -> int:
+    """The BLOCK_M ``paged_prefill_attention`` tiles ``query`` with by default (a tile table
+    for a tiled launch is built with it)."""
+    return _default_config(query)[0]
+
+
+# A decode's folded rows are its GQA group (4 for Llama 3's): the smallest tile tl.dot takes
+# wastes the least tensor-core work on them. In 128-row tiles, a llama-1b mixed step with ~250
+# decodes (330k KV tokens) took 1.5-2 ms longer on the H200 (docs/performance.md).
+DECODE_BLOCK_M = 16
+
+
+def prefill_tiles(
+    query_start_loc: Sequence[int], group: int, block_m: int, first_seq: int = 0
+) -> list[int]:
+    """The programs of a tiled launch, flat: ``seq, tile_m`` for every M tile of every
+    sequence's folded rows (``q_len * group`` of them, ``block_m`` a tile); sequences counted
+    from ``first_seq`` (``query_start_loc`` a slice of the batch's, from that sequence on)::
+
+        query_start_loc  0 5 6 7     (a 5-token chunk, two decodes), group 4, block_m 16
+        tiles            0 0  0 1  1 0  2 0     (the chunk's 20 rows take two tiles)
+    """
+    tiles: list[int] = []
+    for i in range(len(query_start_loc) - 1):
+        rows = (query_start_loc[i + 1] - query_start_loc[i]) * group
+        if rows <= block_m:  # a decode, or a short chunk: one tile
+            tiles += (first_seq + i, 0)
+        else:
+            for tile in range(-(-rows // block_m)):
+                tiles += (first_seq + i, tile)
+    return tiles
+
+
+def max_prefill_tiles(num_tokens: int, num_seqs: int, group: int, block_m: int) -> int:
+    """An upper bound on ``len(prefill_tiles(...)) // 2`` for any batch of at most
+    ``num_tokens`` tokens in ``num_seqs`` sequences: every sequence adds at most one partial
+    tile to the ``num_tokens * group / block_m`` full ones."""
+    return -(-num_tokens * group // block_m) + num_seqs
+
+
 def paged_prefill_attention(
     query: torch.Tensor,
     kv_pool_layer: torch.Tensor,
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
-    max_query_len: int,
+    max_query_len: int | None,
     scale: float,
     sliding_window: int | None = None,
     *,
+    tiles: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -337,9 +391,9 @@ def paged_prefill_attention(
                          already holding every key of every sequence (this step's included)
         query_start_loc: [S + 1] int, cu_seqlens of the new tokens; must end at num_tokens
         seq_lens:        [S] int, KV length of each sequence after this step
-        block_tables:    [S, max_blocks] int, block ids in position order
+        block_tables:    [>= S, max_blocks] int, block ids in position order
         max_query_len:   max over sequences of the chunk length (sizes the grid)
-        returns:         [num_tokens, H, D] in query's dtype
+        returns:         [num_tokens, H, D] in query's dtype (``out`` if given)
 
     H must be a multiple of Hkv (query head h uses kv head h // (H // Hkv)); D a power of two
     in [16, 256]. K/V are cast to query's dtype for the dot products; softmax runs in fp32.
@@ -347,6 +401,12 @@ def paged_prefill_attention(
 
     Grid: (S, cdiv(max_query_len * G, BLOCK_M), Hkv) with G = H // Hkv: the G query heads of a
     kv head are folded into the M tile (see the module docstring).
+
+    Tiled (for a CUDA graph, whose grid cannot follow the batch): ``tiles`` [num_tiles, 2]
+    int (``prefill_tiles``, padded with ``-1`` rows, built with ``block_m``, which must then be
+    given) gives each program its sequence and tile; the grid is (num_tiles, 1, Hkv), S and
+    ``max_query_len`` are not read from the shapes, and query rows no tile covers (a padded
+    batch's) are left as they are in ``out``.
     """
     num_tokens, num_heads, head_dim = query.shape
     two, _, tokens_per_block, num_kv_heads, pool_head_dim = kv_pool_layer.shape
@@ -360,12 +420,23 @@ def paged_prefill_attention(
     )
     assert sliding_window is None or sliding_window >= 1, f"bad sliding_window {sliding_window}"
     num_seqs = seq_lens.shape[0]
-    assert query_start_loc.shape[0] == num_seqs + 1 and block_tables.shape[0] == num_seqs
+    assert query_start_loc.shape[0] == num_seqs + 1 and block_tables.shape[0] >= num_seqs
     for name, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):
         assert t.is_contiguous(), f"{name} must be contiguous"
+    if tiles is not None:
+        assert block_m is not None, "a tiled launch needs the block_m its tiles were built with"
+        assert tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.is_contiguous(), (
+            f"tiles must be a contiguous [num_tiles, 2], got {tuple(tiles.shape)}"
+        )
 
-    out = torch.empty_like(query)
-    if num_tokens == 0 or num_seqs == 0 or max_query_len == 0:
+    if out is None:
+        out = torch.empty_like(query)
+    else:
+        assert out.shape == query.shape and out.dtype == query.dtype, (
+            f"out {tuple(out.shape)} {out.dtype} != query {tuple(query.shape)} {query.dtype}"
+        )
+    is_empty = tiles.shape[0] == 0 if tiles is not None else not max_query_len
+    if num_tokens == 0 or num_seqs == 0 or is_empty:
         return out
 
     group = num_heads // num_kv_heads
@@ -376,7 +447,10 @@ def paged_prefill_attention(
     # torch's fp32 matmul defaults to full precision; tf32 would cost ~1e-3 relative error.
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
 
-    grid = (num_seqs, triton.cdiv(max_query_len * group, block_m), num_kv_heads)
+    if tiles is None:
+        grid = (num_seqs, triton.cdiv(max_query_len * group, block_m), num_kv_heads)
+    else:
+        grid = (tiles.shape[0], 1, num_kv_heads)
     _paged_prefill_launch[grid](
         query,
         kv_pool_layer,
@@ -384,6 +458,7 @@ def paged_prefill_attention(
         query_start_loc,
         seq_lens,
         block_tables,
+        seq_lens if tiles is None else tiles,  # never read untiled
         scale * _LOG2E,
         sliding_window or 0,
         *query.stride(),
@@ -398,7 +473,8 @@ def paged_prefill_attention(
         HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision,
         INTERPRET=not query.is_cuda,
-        num_warps=num_warps or cfg[2],
+        TILED=tiles is not None,
+        num_warps=num_warps or (4 if block_m <= 32 else cfg[2]),
         num_stages=num_stages or cfg[3],
     )
     return out

@@ -328,6 +328,27 @@ def test_sim_engine_runs_an_experiment_from_a_profile(tmp_path: Path):
     assert pd.read_csv(report / "effects.csv")["baseline"].str.contains("max_util").all()
 
 
+def test_sim_of_full_cuda_graphs_takes_their_profile(tmp_path: Path):
+    """executor.full_cuda_graphs=true simulates with the profile of that engine (llama-1b's is
+    committed), never quietly with the piecewise engine's (llama-8b has none)."""
+    proc = harness(
+        tmp_path, "executor.engine=sim", "executor.full_cuda_graphs=true", "model=llama-8b",
+        expect_ok=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    out = proc.stderr + proc.stdout
+    assert "no profile for model 'llama-8b' on 'h200' with overlap scheduling and full CUDA" in out
+    assert "--full-graphs" in out
+    ok = tmp_path / "llama-1b"
+    run = harness(
+        ok, "executor.engine=sim", "executor.full_cuda_graphs=true", "model=llama-1b",
+        "workload.max_requests=4",
+    )  # fmt: skip
+    assert run.returncode == 0
+    (info,) = ok.rglob("run.json")
+    assert "llama-1b.full.overlap.json" in info.read_text()
+
+
 def test_sim_engine_without_a_profile_says_how_to_make_one(tmp_path: Path):
     proc = harness(
         tmp_path,
@@ -339,8 +360,8 @@ def test_sim_engine_without_a_profile_says_how_to_make_one(tmp_path: Path):
     assert proc.returncode == 2
     assert "no profile for model 'llama-8b' on 'a100'" in proc.stderr + proc.stdout
     available = (
-        "available: h100/llama-1b, h100/llama-8b, h200/llama-1b, h200/llama-1b.overlap, "
-        "h200/llama-8b, h200/llama-8b.overlap"
+        "available: h100/llama-1b, h100/llama-8b, h200/llama-1b, h200/llama-1b.full.overlap, "
+        "h200/llama-1b.overlap, h200/llama-8b, h200/llama-8b.overlap"
     )
     assert available in proc.stderr + proc.stdout
     assert "python -m engine.sim.profiler" in proc.stderr + proc.stdout
@@ -414,7 +435,7 @@ def test_a_run_frees_its_engine_even_where_a_cycle_holds_it(tmp_path: Path, monk
             overrides=[
                 "model=llama-tiny",
                 "executor.device=cpu",
-                "workload.num_requests=4",
+                "workload.max_requests=4",
                 "progress=false",
                 "plots=false",
             ],

@@ -4,6 +4,7 @@ Without a GPU the kernel runs through the Triton interpreter on CPU tensors (num
 dot products), so the CPU cases stay small; on a CUDA machine the same tests run compiled.
 """
 
+import itertools
 import os
 
 import torch
@@ -13,10 +14,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.model_engine import ForwardBatch
 from engine.models.attention import paged_attention
-from kernels.paged_prefill import paged_prefill_attention
+from kernels.paged_prefill import max_prefill_tiles, paged_prefill_attention, prefill_tiles
 
 # Sequences as (context_len, q_len): context_len keys already in the pool from earlier chunks or
 # a prefix hit, then q_len new tokens. Lengths straddle the 16/32/64 tile edges; contexts are
@@ -269,6 +272,67 @@ def test_int32_metadata_and_strided_inputs(device):
     assert not strided_table.is_contiguous()
     case = (strided_query, strided_pool, query_start_loc, seq_lens, strided_table, max_q)
     check(case, block_m=16, block_n=32, **FP32_TOL)
+
+
+def test_prefill_tiles_list_every_m_tile_of_every_sequence():
+    # A 5-token chunk (20 folded rows: two tiles of 16), two decodes, a 4-token chunk (one tile).
+    assert prefill_tiles([0, 5, 6, 7, 11], group=4, block_m=16) == [0, 0, 0, 1, 1, 0, 2, 0, 3, 0]
+    assert prefill_tiles([0, 32], group=1, block_m=16) == [0, 0, 0, 1]
+    assert prefill_tiles([0], group=4, block_m=16) == []
+    # The decodes alone, as the batch's sequences 1 and 2.
+    assert prefill_tiles([5, 6, 7], group=4, block_m=16, first_seq=1) == [1, 0, 2, 0]
+
+
+@given(
+    q_lens=st.lists(st.integers(1, 70), min_size=1, max_size=12),
+    group=st.sampled_from([1, 2, 4, 8]),
+    block_m=st.sampled_from([16, 64, 128]),
+)
+def test_max_prefill_tiles_bounds_every_batch(q_lens, group, block_m):
+    starts = [0, *itertools.accumulate(q_lens)]
+    tiles = prefill_tiles(starts, group, block_m)
+    assert len(tiles) // 2 <= max_prefill_tiles(sum(q_lens), len(q_lens), group, block_m)
+    # Each tile once, in order, covering exactly its sequence's folded rows.
+    pairs = list(zip(tiles[::2], tiles[1::2], strict=True))
+    for seq, q_len in enumerate(q_lens):
+        assert [t for s, t in pairs if s == seq] == list(range(-(-q_len * group // block_m)))
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_a_tiled_launch_on_padded_static_buffers_equals_the_plain_one(device, group):
+    """What a CUDA graph runs: metadata in buffers longer than the batch, a tile table padded
+    with -1 rows, a grid that does not follow the batch. The batch's rows equal the untiled
+    launch's; the padded query rows of ``out`` keep what they held."""
+    query, pool, query_start_loc, seq_lens, table, max_q = make_case(
+        RAGGED, tokens_per_block=16, num_kv_heads=2, group=group, head_dim=64,
+        dtype=torch.float32, device=device,
+    )  # fmt: skip
+    scale, block_m = 0.125, 16
+    expected = paged_prefill_attention(
+        query, pool, query_start_loc, seq_lens, table, max_q, scale, block_m=block_m
+    )
+    num_tokens, num_seqs = query.shape[0], seq_lens.shape[0]
+    bucket, max_seqs = num_tokens + 9, num_seqs + 3  # the static buffers' sizes
+    padded_query = torch.zeros((bucket, *query.shape[1:]), device=device)
+    padded_query[:num_tokens] = query
+    starts = torch.zeros(max_seqs + 1, dtype=torch.int64, device=device)
+    starts[: num_seqs + 1] = query_start_loc
+    lens = torch.zeros(max_seqs, dtype=torch.int64, device=device)
+    lens[:num_seqs] = seq_lens
+    wide = torch.full((max_seqs + 2, table.shape[1] + 4), 10**6, dtype=torch.int64, device=device)
+    wide[:num_seqs, : table.shape[1]] = table
+    real = prefill_tiles(query_start_loc.tolist(), group, block_m)
+    num_tiles = max_prefill_tiles(bucket, max_seqs, group, block_m)
+    tiles = torch.tensor(real + [-1] * (2 * num_tiles - len(real)), device=device).view(-1, 2)
+    out = torch.full_like(padded_query, 7.0)
+    got = paged_prefill_attention(
+        padded_query, pool, starts, lens, wide, None, scale, tiles=tiles, out=out, block_m=block_m
+    )
+    assert got is out
+    torch.testing.assert_close(out[:num_tokens], expected, **FP32_TOL)
+    assert (out[num_tokens:] == 7.0).all()
+    with pytest.raises(AssertionError, match="block_m"):
+        paged_prefill_attention(padded_query, pool, starts, lens, wide, None, scale, tiles=tiles)
 
 
 def test_empty_batch(device):

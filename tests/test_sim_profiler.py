@@ -464,15 +464,24 @@ def test_profile_load_non_positive_seconds(tmp_path, seconds):
 
 
 # ---- the committed profiles ---------------------------------------------------------------------
-@pytest.mark.parametrize("model", ["llama-1b", "llama-8b"])
-@pytest.mark.parametrize("device, overlap", [("h100", False), ("h200", False), ("h200", True)])
-def test_committed_profiles_fit_their_own_serving_steps(device, overlap, model):
-    """engine/sim/profiles/<device>/<model>[.overlap].json, measured on that GPU (python -m
-    engine.sim.profiler; the H200 ones with piecewise CUDA graphs, the engine's default), the
-    .overlap ones calibrated on runs with overlap scheduling."""
-    path = default_profile_path(model, device, overlap)
+COMMITTED = [
+    (model, device, overlap, False)
+    for model in ("llama-1b", "llama-8b")
+    for device, overlap in (("h100", False), ("h200", False), ("h200", True))
+] + [("llama-1b", "h200", True, True)]
+
+
+@pytest.mark.parametrize(("model", "device", "overlap", "full"), COMMITTED)
+def test_committed_profiles_fit_their_own_serving_steps(model, device, overlap, full):
+    """engine/sim/profiles/<device>/<model>[.full][.overlap].json, measured on that GPU
+    (python -m engine.sim.profiler; the H200 ones with piecewise CUDA graphs, the engine's
+    default, or full ones), the .overlap ones calibrated on runs with overlap scheduling."""
+    path = default_profile_path(model, device, overlap, full)
     assert f"{device}/{path.stem}" in available_profiles()
     profile = Profile.load(path)
+    assert profile.engine.get("full_cuda_graphs", False) is full
+    if full:
+        assert "--full-graphs" in profile.command
     assert profile.overlap_scheduler is (overlap if profile.calibration else None)
     assert profile.model == model and device.upper() in profile.device
     assert profile.dtype == "bfloat16"

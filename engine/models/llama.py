@@ -16,6 +16,7 @@ kernels, a few launches a layer instead of ~40.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -389,6 +390,35 @@ class PagedCausalLM:
                 )
             )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def tiled_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pool_layer: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        launches: Sequence[tuple[torch.Tensor, int]],
+        out: torch.Tensor,
+        layer: int,
+    ) -> None:
+        """``attention`` as a full CUDA graph runs it (``engine.piecewise_graphs``): every
+        launch's grid fixed by the static buffers' shapes, the batch read from them (slots,
+        ``-1`` for padding); one varlen launch for each ``(tiles, block_m)`` of ``launches``
+        (the programs' tiles, ``kernels.paged_prefill.prefill_tiles``, built with that
+        ``block_m``). Writes ``out`` [num_tokens, heads, dim]."""
+        import kernels
+
+        kernels.write_kv(k, v, pool_layer, slot_mapping)
+        scale, window = self._scales[layer], self._windows[layer]
+        for tiles, block_m in launches:
+            kernels.paged_prefill_attention(
+                q, pool_layer, query_start_loc, seq_lens, block_tables, None, scale, window,
+                tiles=tiles, out=out, block_m=block_m,
+            )  # fmt: skip
 
 
 def _int_tensor(device: torch.device, values) -> torch.Tensor:

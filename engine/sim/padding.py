@@ -49,9 +49,11 @@ class StepPadding:
         cuda_graph_batch_sizes: Sequence[int] | None = None,
         piecewise_cuda_graphs: bool | None = None,
         piecewise_token_sizes: Sequence[int] | None = None,
+        full_cuda_graphs: bool = False,
     ) -> StepPadding:
         """The buckets ``engine.llm.LLM`` captures on CUDA with the Triton attention backend (how
-        the profiles' engines run) for these settings, named as ``LLM``'s arguments."""
+        the profiles' engines run) for these settings, named as ``LLM``'s arguments (full CUDA
+        graphs capture the same token buckets as the pieces)."""
         if enforce_eager:
             return cls()
         decode = cuda_graph_batch_sizes or (

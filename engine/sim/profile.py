@@ -227,11 +227,18 @@ class Profile:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def default_profile_path(model: str, device: str, overlap: bool = False) -> Path:
+def default_profile_path(
+    model: str, device: str, overlap: bool = False, full_graphs: bool = False
+) -> Path:
     """``engine/sim/profiles/<device>/<model>.json`` (device: a short name such as ``h100``),
     calibrated on runs without overlap scheduling; ``<model>.overlap.json`` with it (a step's
-    time is then the longer of its host and device times, ``harness.calibrate``)."""
-    return PROFILE_DIR / device / f"{model}{'.overlap' if overlap else ''}.json"
+    time is then the longer of its host and device times, ``harness.calibrate``);
+    ``<model>.full.overlap.json`` of an engine with full CUDA graphs (``full_graphs``)."""
+    return (
+        PROFILE_DIR
+        / device
+        / f"{model}{'.full' if full_graphs else ''}{'.overlap' if overlap else ''}.json"
+    )
 
 
 def available_profiles() -> list[str]:

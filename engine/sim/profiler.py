@@ -32,7 +32,7 @@ fit to the grid points alone before the final fit uses them too.
         --out engine/sim/profiles/h200/llama-8b.json [--grid full|small] \\
         [--max-batch-size 256] [--max-num-tokens 8192] [--tokens-per-block 32] \\
         [--kv-fraction 0.9] [--repeats 3] [--dtype auto] [--enforce-eager] \\
-        [--piecewise | --no-piecewise]
+        [--piecewise | --no-piecewise] [--full-graphs]
 """
 
 from __future__ import annotations
@@ -833,6 +833,7 @@ def engine_settings(llm: LLM) -> dict[str, Any]:
         "enable_block_reuse": getattr(kv, "enable_block_reuse", False),
         "cuda_graphs": graphs is not None,
         "piecewise_cuda_graphs": piecewise is not None,
+        "full_cuda_graphs": piecewise is not None and piecewise.is_full,
         # the buckets steps were padded to (engine/sim/padding.py)
         "cuda_graph_batch_sizes": None if graphs is None else list(graphs.batch_sizes),
         "piecewise_token_sizes": None if piecewise is None else list(piecewise.token_sizes),
@@ -999,6 +1000,11 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="steps with prompt tokens as piecewise CUDA graphs (default: where they can run)",
     )
+    parser.add_argument(
+        "--full-graphs",
+        action="store_true",
+        help="steps with prompt tokens as full CUDA graphs, attention included",
+    )
     return parser
 
 
@@ -1038,6 +1044,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             enforce_eager=args.enforce_eager,
             piecewise_cuda_graphs=args.piecewise,
+            full_cuda_graphs=args.full_graphs,
         )
         counts = grid.num_points()
         print(
