@@ -141,8 +141,8 @@ class PiecewiseGraphRunner:
         self._cos = torch.zeros((n, dim), dtype=dtype, device=device)
         self._sin = torch.zeros((n, dim), dtype=dtype, device=device)
         self._logits = torch.zeros((self.rows_for(n), model.vocab_size), dtype=dtype, device=device)
-        # Full graphs: the KV pool's block size, the attention kernel's M tile, the block table.
-        self.tokens_per_block = kv_pool.shape[3]
+        # Full graphs: the GQA group and the attention kernel's M tile (the tiles' shape), the
+        # block table.
         self.group = heads // kv_heads
         self.block_m = prefill_block_m(self._q)
         if full:
@@ -228,10 +228,8 @@ class PiecewiseGraphRunner:
         inputs = self._send(host, bucket)
         if pending_tokens is not None:
             fill_pending_tokens(inputs.input_ids[:num_tokens], pending_tokens)
-        if self.is_full:
-            self._piece(0, bucket)  # the whole step
-        else:
-            self._piece(0, bucket)
+        self._piece(0, bucket)  # full: the whole step
+        if not self.is_full:
             for layer in range(self.model.num_layers):
                 q, k, v = self._q[:num_tokens], self._k[:num_tokens], self._v[:num_tokens]
                 out = self.model.attention(q, k, v, kv_pool[layer], batch, layer)
