@@ -298,8 +298,8 @@ def test_max_prefill_tiles_bounds_every_batch(q_lens, group, block_m):
         assert [t for s, t in pairs if s == seq] == list(range(-(-q_len * group // block_m)))
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_a_tiled_launch_on_padded_static_buffers_equals_the_plain_one(device, group):
+@pytest.mark.parametrize(("group", "window"), [(1, None), (4, None), (4, 7)])
+def test_a_tiled_launch_on_padded_static_buffers_equals_the_plain_one(device, group, window):
     """What a CUDA graph runs: metadata in buffers longer than the batch, a tile table padded
     with -1 rows, a grid that does not follow the batch. The batch's rows equal the untiled
     launch's; the padded query rows of ``out`` keep what they held."""
@@ -309,7 +309,7 @@ def test_a_tiled_launch_on_padded_static_buffers_equals_the_plain_one(device, gr
     )  # fmt: skip
     scale, block_m = 0.125, 16
     expected = paged_prefill_attention(
-        query, pool, query_start_loc, seq_lens, table, max_q, scale, block_m=block_m
+        query, pool, query_start_loc, seq_lens, table, max_q, scale, window, block_m=block_m
     )
     num_tokens, num_seqs = query.shape[0], seq_lens.shape[0]
     bucket, max_seqs = num_tokens + 9, num_seqs + 3  # the static buffers' sizes
@@ -326,8 +326,9 @@ def test_a_tiled_launch_on_padded_static_buffers_equals_the_plain_one(device, gr
     tiles = torch.tensor(real + [-1] * (2 * num_tiles - len(real)), device=device).view(-1, 2)
     out = torch.full_like(padded_query, 7.0)
     got = paged_prefill_attention(
-        padded_query, pool, starts, lens, wide, None, scale, tiles=tiles, out=out, block_m=block_m
-    )
+        padded_query, pool, starts, lens, wide, None, scale, window,
+        tiles=tiles, out=out, block_m=block_m,
+    )  # fmt: skip
     assert got is out
     torch.testing.assert_close(out[:num_tokens], expected, **FP32_TOL)
     assert (out[num_tokens:] == 7.0).all()
