@@ -150,6 +150,12 @@ class HostBatch:
         return [positions[end - 1] + 1 for end in self.query_start_loc[1:]]
 
     @property
+    def block_table(self) -> list[int]:
+        """The block rows, flat, each padded with 0 to ``max_blocks`` columns."""
+        width = self.max_blocks
+        return [b for row in self.block_rows for b in (*row, *([0] * (width - len(row))))]
+
+    @property
     def slot_mapping(self) -> list[int]:
         """Where each new token's K/V goes: ``block_id * tokens_per_block + offset``."""
         tpb, positions, starts = self.tokens_per_block, self.positions, self.query_start_loc
@@ -161,7 +167,7 @@ class HostBatch:
     def to_device(self, staging: StagingBuffer) -> ForwardBatch:
         """One int64 host buffer, one copy to the device, split into views."""
         num_tokens, num_seqs, width = self.num_tokens, self.num_seqs, self.max_blocks
-        table = [b for row in self.block_rows for b in (*row, *([0] * (width - len(row))))]
+        table = self.block_table
         seq_lens = self.seq_lens
         #   flat = input_ids | positions | slots | query_start_loc | seq_lens | logits | table
         sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs]

@@ -43,7 +43,8 @@ and the block table has a row of ``max_blocks_per_seq`` columns for each of ``ma
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 
@@ -80,19 +81,10 @@ class BucketInputs:
     context_tiles: torch.Tensor  # [Tc, 2]
     decode_tiles: torch.Tensor  # [Td, 2]
 
-    @property
+    @cached_property
     def size(self) -> int:
         """Values a step sends for the bucket (without its block table)."""
-        return 2 * self.input_ids.shape[0] + self.logits_rows.shape[0] + self.attention_size
-
-    @property
-    def attention_size(self) -> int:
-        parts = (self.slot_mapping, self.query_start_loc, self.seq_lens, *self.tiles)
-        return sum(t.numel() for t in parts)
-
-    @property
-    def tiles(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.context_tiles, self.decode_tiles
+        return sum(getattr(self, f.name).numel() for f in fields(self))
 
 
 class PiecewiseGraphRunner:
@@ -187,8 +179,8 @@ class PiecewiseGraphRunner:
         inputs = self._inputs[bucket]
         self._flat.zero_()
         inputs.slot_mapping.fill_(-1)
-        for tiles in inputs.tiles:
-            tiles.fill_(-1)
+        inputs.context_tiles.fill_(-1)
+        inputs.decode_tiles.fill_(-1)
 
     # ---- per step -------------------------------------------------------------------------------
     def rows_for(self, bucket: int) -> int:
@@ -261,9 +253,7 @@ class PiecewiseGraphRunner:
         values += starts + [0] * (rows - num_seqs) + host.seq_lens + [0] * (rows - num_seqs)
         values += contexts + [-1] * (inputs.context_tiles.numel() - len(contexts))
         values += decodes + [-1] * (inputs.decode_tiles.numel() - len(decodes))
-        for row in host.block_rows:
-            values += row
-            values += [0] * (width - len(row))
+        values += host.block_table
         self._staging.send(values, out=self._flat)
         table = self._flat[inputs.size : inputs.size + num_seqs * width]
         self._table[:num_seqs, :width].copy_(table.view(num_seqs, width))
